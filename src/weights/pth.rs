@@ -1,0 +1,1 @@
+//! torch `.pth` readers (placeholder: being written).
