@@ -1,8 +1,22 @@
-//! Weight files → named f32 tensors, with errors that name the tensor at fault.
+//! Weight files → named tensors → a checked, built [`Network`].
+//!
+//! Files are recognised by their first bytes, never by their extension: safetensors (read through a
+//! memory map), torch's zip `.pth` and torch's legacy `.pth` (see [`pth`]). Before a model is built,
+//! every tensor it asks for is checked against the file, so a wrong file fails with the tensor's
+//! name and both shapes instead of a shape error deep inside a convolution.
 
 pub mod pth;
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use crate::models::{Arch, Network, NetworkConfig};
 
 /// Everything that can go wrong between a weights file on disk and a built model.
 #[derive(Debug, thiserror::Error)]
@@ -27,4 +41,228 @@ pub enum WeightsError {
     Unexpected { names: Vec<String> },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// How a weights file is serialized, told apart by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    Safetensors,
+    /// torch ≥ 1.6 `torch.save`: a zip archive.
+    PthZip,
+    /// torch < 1.6 `torch.save`: consecutive pickles, then raw storages.
+    PthLegacy,
+}
+
+pub fn sniff(path: &Path) -> Result<FileFormat, WeightsError> {
+    let io = |source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut head = [0u8; 9];
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut filled = 0;
+    while filled < head.len() {
+        match file.read(&mut head[filled..]).map_err(io)? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    let head = &head[..filled];
+    if head.starts_with(b"PK\x03\x04") {
+        Ok(FileFormat::PthZip)
+    } else if head.first() == Some(&0x80) {
+        Ok(FileFormat::PthLegacy)
+    } else if head.len() == 9 && head[8] == b'{' {
+        // safetensors: u64 header length, then a JSON object
+        Ok(FileFormat::Safetensors)
+    } else {
+        Err(WeightsError::Format {
+            path: path.to_path_buf(),
+            reason: "not a safetensors or torch .pth file".into(),
+        })
+    }
+}
+
+/// Every tensor in the file, in its stored dtype.
+pub fn read_tensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>, WeightsError> {
+    match sniff(path)? {
+        FileFormat::Safetensors => {
+            let format = |e: candle_core::Error| WeightsError::Format {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            };
+            // SAFETY: the map is read-only and dropped before we return; a file truncated
+            // underneath us could fault, as with any mmap-based reader (candle's own included).
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+                .map_err(format)?;
+            let mut names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+            names.sort();
+            names
+                .into_iter()
+                .map(|name| {
+                    let t = st.load(&name, device).map_err(format)?;
+                    Ok((name, t))
+                })
+                .collect()
+        }
+        FileFormat::PthZip | FileFormat::PthLegacy => pth::read_pth(path, device),
+    }
+}
+
+/// Float tensors become f32 (f16/bf16/f64 checkpoints load like f32 ones); integer ones stay.
+pub fn to_f32(tensors: Vec<(String, Tensor)>) -> Result<HashMap<String, Tensor>, WeightsError> {
+    tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if t.dtype().is_float() {
+                t.to_dtype(DType::F32)?
+            } else {
+                t
+            };
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// The number of classes a checkpoint was trained for, read off its last layer.
+pub fn num_classes(arch: Arch, tensors: &HashMap<String, Tensor>) -> Result<usize, WeightsError> {
+    let key = arch.head_key();
+    let t = tensors.get(key).ok_or_else(|| WeightsError::Missing {
+        name: key.to_string(),
+        expected: vec![1000, arch.embedding_width()],
+    })?;
+    match t.dims() {
+        [classes, _] if *classes > 0 => Ok(*classes),
+        dims => Err(WeightsError::Shape {
+            name: key.to_string(),
+            expected: vec![1000, arch.embedding_width()],
+            found: dims.to_vec(),
+        }),
+    }
+}
+
+/// Every tensor name and shape the model built from `cfg` reads, in the order it reads them.
+pub fn expected_tensors(cfg: &NetworkConfig) -> Result<Vec<(String, Vec<usize>)>, WeightsError> {
+    let recorder = ShapeRecorder::default();
+    let seen = recorder.seen.clone();
+    let vb = VarBuilder::from_backend(Box::new(recorder), DType::F32, Device::Cpu);
+    Network::new(cfg, vb)?;
+    let seen = seen.lock().expect("recorder lock").clone();
+    Ok(seen)
+}
+
+/// Compares a file's tensors with what the model reads: the first missing or mis-shaped one is an
+/// error naming it; then any leftover that is not a known unused key is reported together.
+pub fn check_tensors(
+    arch: Arch,
+    expected: &[(String, Vec<usize>)],
+    found: &HashMap<String, Tensor>,
+) -> Result<(), WeightsError> {
+    for (name, shape) in expected {
+        match found.get(name) {
+            None => {
+                return Err(WeightsError::Missing {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                })
+            }
+            Some(t) if t.dims() != shape.as_slice() => {
+                return Err(WeightsError::Shape {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found: t.dims().to_vec(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    let wanted: std::collections::HashSet<&str> =
+        expected.iter().map(|(n, _)| n.as_str()).collect();
+    let mut extra: Vec<String> = found
+        .keys()
+        .filter(|k| !wanted.contains(k.as_str()) && !arch.is_ignorable_key(k))
+        .cloned()
+        .collect();
+    if !extra.is_empty() {
+        extra.sort();
+        return Err(WeightsError::Unexpected { names: extra });
+    }
+    Ok(())
+}
+
+/// Builds the network `cfg` describes from named tensors, checking them first.
+pub fn build_network(
+    arch: Arch,
+    cfg: &NetworkConfig,
+    tensors: HashMap<String, Tensor>,
+    device: &Device,
+) -> Result<Network, WeightsError> {
+    check_tensors(arch, &expected_tensors(cfg)?, &tensors)?;
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    Ok(Network::new(cfg, vb)?)
+}
+
+/// Builds torchvision's `arch` from named tensors; the class count comes from its last layer.
+pub fn build_torchvision(
+    arch: Arch,
+    tensors: HashMap<String, Tensor>,
+    device: &Device,
+) -> Result<Network, WeightsError> {
+    let cfg = arch.config(num_classes(arch, &tensors)?);
+    build_network(arch, &cfg, tensors, device)
+}
+
+/// Reads a weights file of any supported format and builds torchvision's `arch` from it.
+pub fn load_network(arch: Arch, path: &Path, device: &Device) -> Result<Network, WeightsError> {
+    let tensors = to_f32(read_tensors(path, device)?)?;
+    build_torchvision(arch, tensors, device)
+}
+
+/// Writes named tensors as safetensors, atomically.
+pub fn save_safetensors(
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<(), WeightsError> {
+    crate::atomic::write_with(path, |tmp| {
+        candle_core::safetensors::save(tensors, tmp).map_err(std::io::Error::other)
+    })
+    .map_err(|source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Tensor names with their shapes, in the order a model asked for them.
+type Requests = std::sync::Arc<Mutex<Vec<(String, Vec<usize>)>>>;
+
+/// A `VarBuilder` backend that hands out zero-cost placeholders and writes down what was asked for.
+#[derive(Default)]
+struct ShapeRecorder {
+    seen: Requests,
+}
+
+impl SimpleBackend for ShapeRecorder {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.seen
+            .lock()
+            .expect("recorder lock")
+            .push((name.to_string(), shape.dims().to_vec()));
+        // A broadcast scalar allocates nothing, whatever the shape.
+        Tensor::zeros((), dtype, device)?.broadcast_as(shape)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("shape recorder: `{name}` requested without a shape")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
 }

@@ -1,0 +1,227 @@
+//! The classifiers, in candle, keyed exactly as torchvision's state_dicts.
+//!
+//! This layer knows candle and nothing else: it is handed a `VarBuilder` and never opens a file.
+
+pub mod googlenet;
+pub mod layers;
+pub mod vgg;
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+pub use googlenet::{GoogLeNet, GoogLeNetConfig};
+pub use vgg::{Vgg, VggConfig};
+
+/// An architecture, named as torchvision names its constructor.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    #[value(name = "vgg11")]
+    Vgg11,
+    #[value(name = "vgg11_bn")]
+    Vgg11Bn,
+    #[value(name = "vgg13")]
+    Vgg13,
+    #[value(name = "vgg13_bn")]
+    Vgg13Bn,
+    #[value(name = "vgg16")]
+    Vgg16,
+    #[value(name = "vgg16_bn")]
+    Vgg16Bn,
+    #[value(name = "vgg19")]
+    Vgg19,
+    #[value(name = "vgg19_bn")]
+    Vgg19Bn,
+    #[value(name = "googlenet")]
+    Googlenet,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 9] = [
+        Arch::Vgg11,
+        Arch::Vgg11Bn,
+        Arch::Vgg13,
+        Arch::Vgg13Bn,
+        Arch::Vgg16,
+        Arch::Vgg16Bn,
+        Arch::Vgg19,
+        Arch::Vgg19Bn,
+        Arch::Googlenet,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Vgg11 => "vgg11",
+            Arch::Vgg11Bn => "vgg11_bn",
+            Arch::Vgg13 => "vgg13",
+            Arch::Vgg13Bn => "vgg13_bn",
+            Arch::Vgg16 => "vgg16",
+            Arch::Vgg16Bn => "vgg16_bn",
+            Arch::Vgg19 => "vgg19",
+            Arch::Vgg19Bn => "vgg19_bn",
+            Arch::Googlenet => "googlenet",
+        }
+    }
+
+    /// The last layer's weight, whose first dimension is the number of classes.
+    pub fn head_key(self) -> &'static str {
+        match self {
+            Arch::Googlenet => "fc.weight",
+            _ => "classifier.6.weight",
+        }
+    }
+
+    /// Tensors a torchvision checkpoint may hold that the eval model does not use.
+    pub fn is_ignorable_key(self, key: &str) -> bool {
+        // BatchNorm's step counter only matters to momentum=None training.
+        key.ends_with(".num_batches_tracked")
+            || (self == Arch::Googlenet
+                && googlenet::AUX_PREFIXES.iter().any(|p| key.starts_with(p)))
+    }
+
+    /// The full-size configuration torchvision uses for pretrained weights.
+    pub fn config(self, num_classes: usize) -> NetworkConfig {
+        let vgg = |stages, batch_norm| {
+            NetworkConfig::Vgg(VggConfig::imagenet(stages, batch_norm, num_classes))
+        };
+        match self {
+            Arch::Vgg11 => vgg(vgg::VGG11, false),
+            Arch::Vgg11Bn => vgg(vgg::VGG11, true),
+            Arch::Vgg13 => vgg(vgg::VGG13, false),
+            Arch::Vgg13Bn => vgg(vgg::VGG13, true),
+            Arch::Vgg16 => vgg(vgg::VGG16, false),
+            Arch::Vgg16Bn => vgg(vgg::VGG16, true),
+            Arch::Vgg19 => vgg(vgg::VGG19, false),
+            Arch::Vgg19Bn => vgg(vgg::VGG19, true),
+            Arch::Googlenet => NetworkConfig::GoogLeNet(GoogLeNetConfig::imagenet(num_classes)),
+        }
+    }
+
+    /// Width of the embedding [`Network::features`] returns.
+    pub fn embedding_width(self) -> usize {
+        match self {
+            Arch::Googlenet => googlenet::EMBEDDING,
+            _ => 4096,
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The name is not one of torchvision's architectures that cnnserve implements.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown architecture `{0}` (known: vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16, vgg16_bn, vgg19, vgg19_bn, googlenet)")]
+pub struct UnknownArch(pub String);
+
+impl FromStr for Arch {
+    type Err = UnknownArch;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| UnknownArch(s.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkConfig {
+    Vgg(VggConfig),
+    GoogLeNet(GoogLeNetConfig),
+}
+
+/// A loaded classifier of either family.
+#[derive(Debug, Clone)]
+pub enum Network {
+    Vgg(Vgg),
+    // Boxed: its 13 blocks would make every `Network` as large as itself.
+    GoogLeNet(Box<GoogLeNet>),
+}
+
+impl Network {
+    pub fn new(cfg: &NetworkConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(match cfg {
+            NetworkConfig::Vgg(c) => Network::Vgg(Vgg::new(c, vb)?),
+            NetworkConfig::GoogLeNet(c) => Network::GoogLeNet(Box::new(GoogLeNet::new(c, vb)?)),
+        })
+    }
+
+    /// Eval-mode logits `[N, classes]` for a normalized batch `[N, 3, H, W]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_t(xs, false)
+    }
+
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Network::Vgg(m) => m.forward_t(xs, train),
+            Network::GoogLeNet(m) => m.forward_t(xs, train),
+        }
+    }
+
+    /// The frozen embedding the last layer reads (VGG: 4096, GoogLeNet: 1024), in eval mode.
+    pub fn features(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Network::Vgg(m) => m.features(xs),
+            Network::GoogLeNet(m) => m.features(xs),
+        }
+    }
+
+    /// The last layer (with the dropout before it) applied to [`Network::features`].
+    pub fn head_forward(&self, features: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Network::Vgg(m) => m.head_forward(features, train),
+            Network::GoogLeNet(m) => m.head_forward(features, train),
+        }
+    }
+
+    pub fn num_classes(&self) -> usize {
+        match self {
+            Network::Vgg(m) => m.num_classes(),
+            Network::GoogLeNet(m) => m.num_classes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arch_names_round_trip_through_str_serde_and_clap() {
+        for arch in Arch::ALL {
+            assert_eq!(arch.name().parse::<Arch>().unwrap(), arch);
+            let json = serde_json::to_string(&arch).unwrap();
+            assert_eq!(json, format!("\"{}\"", arch.name()));
+            let parsed = <Arch as clap::ValueEnum>::from_str(arch.name(), false).unwrap();
+            assert_eq!(parsed, arch);
+        }
+        assert!("resnet50".parse::<Arch>().is_err());
+    }
+
+    #[test]
+    fn aux_heads_are_ignorable_only_for_googlenet() {
+        assert!(Arch::Googlenet.is_ignorable_key("aux1.fc2.weight"));
+        assert!(!Arch::Vgg11Bn.is_ignorable_key("aux1.fc2.weight"));
+        assert!(Arch::Vgg11Bn.is_ignorable_key("features.1.num_batches_tracked"));
+        assert!(!Arch::Googlenet.is_ignorable_key("fc.weight"));
+    }
+}

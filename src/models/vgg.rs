@@ -1,0 +1,206 @@
+//! VGG 11/13/16/19, with and without batch norm, as torchvision builds them
+//! (`torchvision/models/vgg.py`: `cfgs`, `make_layers`, `VGG`).
+//!
+//! Key tree: `features.{i}` numbers every module of the feature stack, ReLUs and max-pools included,
+//! so a conv sits at `features.{i}` and its batch norm at `features.{i+1}`; the classifier is
+//! `Linear(512·7·7, 4096) ReLU Dropout Linear(4096, 4096) ReLU Dropout Linear(4096, classes)`, hence
+//! `classifier.{0,3,6}`. Quirks kept: `AdaptiveAvgPool2d((7, 7))` before the classifier (overlapping
+//! windows for 256×256 input, repeated cells below 224×224), dropout 0.5 active only in training.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use super::layers::{self, ConvBn, ConvBnConfig};
+
+/// One entry of torchvision's `cfgs`: a 3×3 convolution with this many output channels, or a 2×2 max-pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Conv(usize),
+    Pool,
+}
+
+use Stage::{Conv as C, Pool as M};
+
+/// torchvision's `cfgs["A"]`, `["B"]`, `["D"]`, `["E"]`.
+#[rustfmt::skip]
+pub const VGG11: &[Stage] = &[C(64), M, C(128), M, C(256), C(256), M, C(512), C(512), M, C(512), C(512), M];
+#[rustfmt::skip]
+pub const VGG13: &[Stage] = &[
+    C(64), C(64), M, C(128), C(128), M, C(256), C(256), M, C(512), C(512), M, C(512), C(512), M,
+];
+#[rustfmt::skip]
+pub const VGG16: &[Stage] = &[
+    C(64), C(64), M, C(128), C(128), M, C(256), C(256), C(256), M, C(512), C(512), C(512), M,
+    C(512), C(512), C(512), M,
+];
+#[rustfmt::skip]
+pub const VGG19: &[Stage] = &[
+    C(64), C(64), M, C(128), C(128), M, C(256), C(256), C(256), C(256), M, C(512), C(512), C(512),
+    C(512), M, C(512), C(512), C(512), C(512), M,
+];
+
+/// The shape of a VGG: the layer table, batch norm or not, and the classifier's sizes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VggConfig {
+    pub stages: Vec<Stage>,
+    pub batch_norm: bool,
+    pub hidden: usize,
+    pub num_classes: usize,
+}
+
+impl VggConfig {
+    /// The ImageNet model torchvision builds for this table.
+    pub fn imagenet(stages: &[Stage], batch_norm: bool, num_classes: usize) -> Self {
+        Self {
+            stages: stages.to_vec(),
+            batch_norm,
+            hidden: 4096,
+            num_classes,
+        }
+    }
+
+    /// The same key tree with every width divided by `divisor`: kilobytes of weights for tests.
+    pub fn narrowed(mut self, divisor: usize) -> Self {
+        for stage in &mut self.stages {
+            if let Stage::Conv(c) = stage {
+                *c = (*c / divisor).max(1);
+            }
+        }
+        self.hidden = (self.hidden / divisor).max(1);
+        self
+    }
+
+    fn last_channels(&self) -> usize {
+        self.stages
+            .iter()
+            .rev()
+            .find_map(|s| match s {
+                Stage::Conv(c) => Some(*c),
+                Stage::Pool => None,
+            })
+            .unwrap_or(3)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Feature {
+    Conv(Conv2d),
+    ConvBn(ConvBn),
+    Pool,
+}
+
+/// torchvision's `VGG` module.
+#[derive(Debug, Clone)]
+pub struct Vgg {
+    features: Vec<Feature>,
+    classifier_0: Linear,
+    classifier_3: Linear,
+    classifier_6: Linear,
+}
+
+const POOLED: usize = 7;
+const DROPOUT: f32 = 0.5;
+/// Five 2×2 pools must leave at least one pixel.
+pub const MIN_INPUT_SIDE: usize = 32;
+
+impl Vgg {
+    pub fn new(cfg: &VggConfig, vb: VarBuilder) -> Result<Self> {
+        let features_vb = vb.pp("features");
+        let conv_cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let mut features = Vec::new();
+        let mut index = 0;
+        let mut in_channels = 3;
+        for stage in &cfg.stages {
+            match *stage {
+                Stage::Pool => {
+                    features.push(Feature::Pool);
+                    index += 1;
+                }
+                Stage::Conv(out_channels) if cfg.batch_norm => {
+                    features.push(Feature::ConvBn(ConvBn::new(
+                        in_channels,
+                        out_channels,
+                        3,
+                        ConvBnConfig {
+                            conv: conv_cfg,
+                            conv_bias: true,
+                            eps: 1e-5,
+                        },
+                        features_vb.pp(index),
+                        features_vb.pp(index + 1),
+                    )?));
+                    index += 3; // conv, bn, relu
+                    in_channels = out_channels;
+                }
+                Stage::Conv(out_channels) => {
+                    features.push(Feature::Conv(layers::conv2d(
+                        in_channels,
+                        out_channels,
+                        3,
+                        conv_cfg,
+                        features_vb.pp(index),
+                    )?));
+                    index += 2; // conv, relu
+                    in_channels = out_channels;
+                }
+            }
+        }
+        let flat = cfg.last_channels() * POOLED * POOLED;
+        let classifier = vb.pp("classifier");
+        Ok(Self {
+            features,
+            classifier_0: candle_nn::linear(flat, cfg.hidden, classifier.pp(0))?,
+            classifier_3: candle_nn::linear(cfg.hidden, cfg.hidden, classifier.pp(3))?,
+            classifier_6: candle_nn::linear(cfg.hidden, cfg.num_classes, classifier.pp(6))?,
+        })
+    }
+
+    /// `features` + `avgpool` + `flatten`: what `classifier.0` reads, `[N, 512·7·7]`.
+    pub fn pooled(&self, xs: &Tensor) -> Result<Tensor> {
+        layers::check_input(xs, MIN_INPUT_SIDE)?;
+        let mut xs = xs.clone();
+        for layer in &self.features {
+            xs = match layer {
+                Feature::Conv(conv) => conv.forward(&xs)?.relu()?,
+                Feature::ConvBn(conv) => conv.forward(&xs)?.relu()?,
+                Feature::Pool => xs.max_pool2d(2)?,
+            };
+        }
+        layers::flatten(&layers::adaptive_avg_pool2d(&xs, POOLED, POOLED)?)
+    }
+
+    /// `classifier.0` … `classifier.4` on pooled features: the 4096-wide input of the last layer.
+    pub fn hidden_from_pooled(&self, pooled: &Tensor, train: bool) -> Result<Tensor> {
+        let xs = self.classifier_0.forward(pooled)?.relu()?;
+        let xs = layers::dropout(&xs, DROPOUT, train)?;
+        self.classifier_3.forward(&xs)?.relu()
+    }
+
+    /// The frozen embedding a new head is trained on: the 4096 activations after `classifier.3` + ReLU.
+    pub fn features(&self, xs: &Tensor) -> Result<Tensor> {
+        self.hidden_from_pooled(&self.pooled(xs)?, false)
+    }
+
+    /// `classifier.5` (dropout) + `classifier.6` on the embedding.
+    pub fn head_forward(&self, features: &Tensor, train: bool) -> Result<Tensor> {
+        self.classifier_6
+            .forward(&layers::dropout(features, DROPOUT, train)?)
+    }
+
+    /// The last layer, `classifier.6`.
+    pub fn head(&self) -> &Linear {
+        &self.classifier_6
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.classifier_6.weight().dim(0).unwrap_or(0)
+    }
+
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let hidden = self.hidden_from_pooled(&self.pooled(xs)?, train)?;
+        self.head_forward(&hidden, train)
+    }
+}

@@ -1,0 +1,78 @@
+//! Shared by the integration tests: where the PyTorch fixtures live, and comparisons.
+#![allow(dead_code)] // each test binary uses its own part of this
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::Tensor;
+
+/// `$CNNSERVE_FIXTURES`, else `../shared/fixtures` beside the checkout. Missing fixtures fail the
+/// test with instructions: a parity test that cannot find its reference must not pass quietly.
+pub fn fixtures() -> PathBuf {
+    let dir = match std::env::var_os("CNNSERVE_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+    };
+    assert!(
+        dir.join("googlenet/weights.safetensors").is_file(),
+        "PyTorch fixtures not found in {}: put the shared fixtures there or set CNNSERVE_FIXTURES \
+         to their folder (it holds vgg11_bn/, googlenet/ and preprocess/)",
+        dir.display()
+    );
+    dir
+}
+
+/// vgg11_bn's weights ship gzipped (531 MB unpacked); unpack once into the target dir, where the
+/// next build finds them, and check the digest the fixtures' README gives.
+pub fn vgg11_bn_weights() -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
+    let out = out_dir.join("vgg11_bn.safetensors");
+    if out.is_file() {
+        return out;
+    }
+    let gz = fixtures().join("vgg11_bn/weights.safetensors.gz");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let tmp = out_dir.join(format!("vgg11_bn.safetensors.tmp-{}", std::process::id()));
+    {
+        use sha2::Digest;
+        let mut reader = flate2::read::GzDecoder::new(std::io::BufReader::new(
+            std::fs::File::open(&gz).unwrap_or_else(|e| panic!("{}: {e}", gz.display())),
+        ));
+        let mut writer = std::io::BufWriter::new(std::fs::File::create(&tmp).unwrap());
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut reader, &mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            std::io::Write::write_all(&mut writer, &buf[..n]).unwrap();
+        }
+        std::io::Write::flush(&mut writer).unwrap();
+        let digest = format!("{:x}", hasher.finalize());
+        assert!(
+            digest.starts_with("fad28f07ab23d268"),
+            "unpacked {} has sha256 {digest}, the fixtures README says fad28f07ab23d268…",
+            gz.display()
+        );
+    }
+    std::fs::rename(&tmp, &out).unwrap();
+    out
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

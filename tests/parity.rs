@@ -1,0 +1,122 @@
+//! Logits parity with PyTorch on the fixtures' random-but-realistic weights.
+//!
+//! The references were made as the fixtures' README says; per model, in essence:
+//! ```python
+//! m = torchvision.models.vgg11_bn(weights=None)  # or googlenet(aux_logits=True, transform_input=True, init_weights=True)
+//! m.load_state_dict(state_dict); m.eval()
+//! for s in (224, 256):
+//!     x = torch.randn(2, 3, s, s)  # seeded
+//!     out[f"inputs_{s}x{s}"], out[f"logits_{s}x{s}"] = x, m(x)
+//! ```
+
+mod common;
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use cnnserve::models::{Arch, Network};
+use cnnserve::weights;
+
+/// 1e-4 is typical (summation order differs); 1e-3 still catches any wrong tensor, eps or layout.
+const TOLERANCE: f32 = 1e-3;
+
+fn vgg11_bn() -> &'static Network {
+    static NET: OnceLock<Network> = OnceLock::new();
+    NET.get_or_init(|| {
+        weights::load_network(Arch::Vgg11Bn, &common::vgg11_bn_weights(), &Device::Cpu).unwrap()
+    })
+}
+
+fn googlenet() -> &'static Network {
+    static NET: OnceLock<Network> = OnceLock::new();
+    NET.get_or_init(|| {
+        let path = common::fixtures().join("googlenet/weights.safetensors");
+        weights::load_network(Arch::Googlenet, &path, &Device::Cpu).unwrap()
+    })
+}
+
+fn assert_matches_pytorch(net: &Network, reference: &Path, size: usize) {
+    let refs = candle_core::safetensors::load(reference, &Device::Cpu).unwrap();
+    let inputs = &refs[&format!("inputs_{size}x{size}")];
+    let expected = &refs[&format!("logits_{size}x{size}")];
+    let logits = net.forward(inputs).unwrap();
+    let diff = common::max_abs_diff(&logits, expected);
+    eprintln!(
+        "{}: max |Δlogit| at {size}x{size} = {diff:e}",
+        reference.display()
+    );
+    assert!(diff < TOLERANCE, "max abs difference {diff} ≥ {TOLERANCE}");
+}
+
+#[test]
+fn vgg11_bn_matches_pytorch_at_224() {
+    let reference = common::fixtures().join("vgg11_bn/reference.safetensors");
+    assert_matches_pytorch(vgg11_bn(), &reference, 224);
+}
+
+#[test]
+fn vgg11_bn_matches_pytorch_at_256_where_adaptive_pool_windows_overlap() {
+    let reference = common::fixtures().join("vgg11_bn/reference.safetensors");
+    assert_matches_pytorch(vgg11_bn(), &reference, 256);
+}
+
+#[test]
+fn googlenet_matches_pytorch_at_224() {
+    let reference = common::fixtures().join("googlenet/reference.safetensors");
+    assert_matches_pytorch(googlenet(), &reference, 224);
+}
+
+#[test]
+fn googlenet_matches_pytorch_at_256() {
+    let reference = common::fixtures().join("googlenet/reference.safetensors");
+    assert_matches_pytorch(googlenet(), &reference, 256);
+}
+
+#[test]
+fn features_then_head_equals_forward() {
+    let refs = candle_core::safetensors::load(
+        common::fixtures().join("googlenet/reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let xs = &refs["inputs_224x224"];
+    for net in [googlenet(), vgg11_bn()] {
+        let features = net.features(xs).unwrap();
+        assert_eq!(features.dim(0).unwrap(), 2);
+        let via_head = net.head_forward(&features, false).unwrap();
+        let diff = common::max_abs_diff(&via_head, &net.forward(xs).unwrap());
+        assert!(diff < 1e-5, "{diff}");
+    }
+}
+
+#[test]
+fn forward_command_writes_pytorch_logits_under_the_input_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = common::fixtures().join("googlenet/reference.safetensors");
+    let out = dir.path().join("logits.safetensors");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_cnnserve"))
+        .args(["forward", "--model", "googlenet", "--weights"])
+        .arg(common::fixtures().join("googlenet/weights.safetensors"))
+        .arg("--input")
+        .arg(&reference)
+        .arg("--output")
+        .arg(&out)
+        .args(["--batch-size", "1"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let refs = candle_core::safetensors::load(&reference, &Device::Cpu).unwrap();
+    // Only the [N,3,H,W] inputs run; the logits tensors in the same file are skipped.
+    let mut names: Vec<_> = got.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, ["inputs_224x224", "inputs_256x256"]);
+    for size in [224, 256] {
+        let diff = common::max_abs_diff(
+            &got[&format!("inputs_{size}x{size}")],
+            &refs[&format!("logits_{size}x{size}")],
+        );
+        assert!(diff < TOLERANCE, "{size}: {diff}");
+    }
+}
