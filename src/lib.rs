@@ -14,4 +14,5 @@
 pub mod atomic;
 pub mod cli;
 pub mod models;
+pub mod preprocess;
 pub mod weights;
