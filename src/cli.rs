@@ -14,11 +14,16 @@ use crate::weights;
 #[command(
     name = "cnnserve",
     version,
-    about = "Serve and fine-tune torchvision image classifiers"
+    about = "Serve and fine-tune torchvision image classifiers",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+
+    /// With no subcommand, cnnserve serves: these are `serve`'s flags.
+    #[command(flatten)]
+    pub serve: ServeArgs,
 
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true, env = "CNNSERVE_JSON_LOGS")]
@@ -27,17 +32,83 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the models of a weights dir over HTTP (what a bare `cnnserve` does).
+    Serve(ServeArgs),
     /// Run a model on already-normalized inputs and save the logits: the check of a conversion
     /// against PyTorch.
     Forward(ForwardArgs),
+    /// Classify image files and print the most probable classes.
+    Predict(PredictArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "CNNSERVE_ADDR")]
+    pub addr: std::net::SocketAddr,
+    /// Folder of models: every `<name>.safetensors` / `<name>.pth` is served as model `<name>`.
+    #[arg(long, default_value = "weights", env = "CNNSERVE_WEIGHTS_DIR")]
+    pub weights_dir: PathBuf,
+    /// Model used when a request names none; downloaded from torchvision when missing (unless --offline).
+    #[arg(long, default_value = "vgg11_bn", env = "CNNSERVE_DEFAULT_MODEL")]
+    pub default_model: String,
+    /// `cpu`, or `cuda` / `cuda:N` in builds with the `cuda` feature.
+    #[arg(long, default_value = "cpu", env = "CNNSERVE_DEVICE")]
+    pub device: String,
+    /// Most images in one forward pass.
+    #[arg(long, default_value_t = 16, env = "CNNSERVE_MAX_BATCH_SIZE", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_batch_size: u32,
+    /// Longest wait, in milliseconds, for more images to join a batch.
+    #[arg(long, default_value_t = 5, env = "CNNSERVE_MAX_BATCH_DELAY_MS")]
+    pub max_batch_delay_ms: u64,
+    /// Requests in flight at once; one more is answered 429 at once.
+    #[arg(long, default_value_t = 64, env = "CNNSERVE_MAX_CONCURRENT_REQUESTS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+    /// Largest request body for /predict, e.g. 20MB, 512KiB or a number of bytes.
+    #[arg(long, default_value = "20MB", env = "CNNSERVE_PAYLOAD_LIMIT", value_parser = parse_size)]
+    pub payload_limit: u64,
+    /// Largest image, in pixels (width × height), read from the header before decoding.
+    #[arg(long, default_value_t = crate::preprocess::DEFAULT_MAX_PIXELS, env = "CNNSERVE_MAX_PIXELS")]
+    pub max_pixels: u64,
+    /// Never download: serve whatever the weights dir holds.
+    #[arg(long, env = "CNNSERVE_OFFLINE")]
+    pub offline: bool,
+    /// Where missing torchvision weights are downloaded from.
+    #[arg(long, default_value = weights::fetch::TORCHVISION_URL, env = "CNNSERVE_WEIGHTS_URL")]
+    pub weights_url: String,
+}
+
+/// `20MB`, `1GiB`, `512k`, `1000`: decimal and binary units, bytes when bare.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size: write e.g. 20MB, 512KiB or 1000"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}` in `{s}`")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 #[derive(Debug, Args)]
 pub struct ForwardArgs {
-    /// Architecture of the weights.
+    /// Architecture of the weights (taken from the metadata for a fine-tuned head, or from a
+    /// torchvision file name such as vgg11_bn-6002323d.pth).
     #[arg(long, env = "CNNSERVE_MODEL")]
-    pub model: Arch,
-    /// Weights file: safetensors or torch .pth (zip or legacy), torchvision key names.
+    pub model: Option<Arch>,
+    /// Weights file: safetensors or torch .pth (zip or legacy) with torchvision key names, or a
+    /// fine-tuned head (its base model must sit in the same folder).
     #[arg(long)]
     pub weights: PathBuf,
     /// safetensors file whose 4-D f32 tensors [N, 3, H, W] are run; other tensors are skipped.
@@ -52,6 +123,88 @@ pub struct ForwardArgs {
     /// Images per forward pass; larger inputs are split into chunks of this size.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// Architecture of the weights (optional for fine-tuned heads and torchvision file names).
+    #[arg(long, env = "CNNSERVE_MODEL")]
+    pub model: Option<Arch>,
+    /// Weights file, as for `forward`.
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Classes to print per image; 0 prints all.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    /// Preprocessing; defaults to the model's own (imagenet for torchvision weights, the training
+    /// transform for a fine-tuned head).
+    #[arg(long)]
+    pub transform: Option<crate::preprocess::Transform>,
+    /// One JSON object per line: {"file", "predictions": [{"index", "label", "probability"}]}.
+    #[arg(long)]
+    pub json: bool,
+    /// Largest image accepted, in pixels.
+    #[arg(long, default_value_t = crate::preprocess::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
+    /// Device, as for `serve`.
+    #[arg(long, default_value = "cpu", env = "CNNSERVE_DEVICE")]
+    pub device: String,
+    /// Image files, decoded by content (a BMP named .jpg is fine).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+/// Prints predictions for each image; an unreadable image is reported and skipped, and makes the
+/// command fail at the end.
+pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let device = parse_device(&args.device)?;
+    let classifier = crate::engine::classifier::open(&args.weights, args.model, &device)
+        .with_context(|| format!("loading {}", args.weights.display()))?;
+    let transform = args.transform.unwrap_or(classifier.transform);
+    let mut failed = 0;
+    let mut out = std::io::stdout().lock();
+    for file in &args.images {
+        let result = std::fs::read(file)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| Ok(crate::preprocess::decode_rgb(&bytes, args.max_pixels)?))
+            .and_then(|image| {
+                let xs = transform.apply(&image)?.unsqueeze(0)?.to_device(&device)?;
+                let probabilities = crate::models::layers::softmax(&classifier.logits(&xs)?)?;
+                Ok(probabilities.squeeze(0)?.to_vec1::<f32>()?)
+            });
+        let probabilities = match result {
+            Ok(p) => p,
+            Err(e) => {
+                failed += 1;
+                eprintln!("{}: {e:#}", file.display());
+                continue;
+            }
+        };
+        let top = crate::engine::top_k(&probabilities, &classifier.labels, args.top_k);
+        if args.json {
+            let line =
+                serde_json::json!({ "file": file.display().to_string(), "predictions": top });
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(out, "{}", file.display())?;
+            for p in top {
+                writeln!(
+                    out,
+                    "  {:>7.3}%  {} ({})",
+                    p.probability * 100.0,
+                    p.label,
+                    p.index
+                )?;
+            }
+        }
+    }
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} of {} images could not be classified",
+        args.images.len()
+    );
+    Ok(())
 }
 
 /// `cpu`, `cuda` or `cuda:N` → a candle device, with an error that says what to do otherwise.
@@ -73,10 +226,94 @@ pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
     Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))
 }
 
+/// Starts the server: checks there is something to serve, listens, then loads models in the
+/// background (`/health` answers 503 until the first is ready).
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    use crate::engine::{Engine, EngineConfig};
+    use crate::server::{self, AppState, ServerConfig};
+
+    let device = parse_device(&args.device)?;
+    let dir = args.weights_dir.clone();
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the weights dir {}", dir.display()))?;
+    let found = crate::engine::scan(&dir)
+        .with_context(|| format!("cannot read the weights dir {}", dir.display()))?;
+    let has = |name: &str| {
+        found.pretrained.iter().any(|(n, _, _)| n == name)
+            || found.fine_tuned.iter().any(|(m, _)| m.name == name)
+    };
+    let nothing = found.pretrained.is_empty() && found.fine_tuned.is_empty();
+    let to_fetch = match args.default_model.parse::<Arch>() {
+        Ok(arch) if !has(&args.default_model) && !args.offline => Some(arch),
+        _ => None,
+    };
+    if nothing && to_fetch.is_none() {
+        anyhow::bail!(
+            "nothing to serve: {dir} holds no model file. Either\n  \
+             - put torchvision weights in it, e.g. {url}/{file} (or any <arch>.safetensors / \
+             <arch>.pth with torchvision's keys; arch one of vgg11, vgg11_bn, …, googlenet), or\n  \
+             - start without --offline and with --default-model set to an architecture, to \
+             download it{default}.",
+            dir = dir.display(),
+            url = args.weights_url,
+            file = weights::fetch::torchvision_file(Arch::Vgg11Bn),
+            default = if args.offline {
+                ""
+            } else {
+                " (the default model is not one)"
+            },
+        );
+    }
+    if !nothing && !has(&args.default_model) && to_fetch.is_none() {
+        tracing::warn!(default_model = %args.default_model, "default model not in the weights dir; the first model loaded is the default");
+    }
+
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    let engine = Engine::new(
+        EngineConfig {
+            max_batch_size: args.max_batch_size as usize,
+            max_batch_delay: std::time::Duration::from_millis(args.max_batch_delay_ms),
+            max_concurrent_requests: args.max_concurrent_requests as usize,
+            max_pixels: args.max_pixels,
+            device: device.clone(),
+        },
+        metrics,
+    );
+    let state = AppState::new(
+        engine.clone(),
+        ServerConfig {
+            weights_dir: dir.clone(),
+            payload_limit: usize::try_from(args.payload_limit).unwrap_or(usize::MAX),
+            device_name: args.device.clone(),
+        },
+        Some(args.default_model.clone()),
+    );
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.addr))?;
+    tracing::info!(addr = %listener.local_addr()?, weights_dir = %dir.display(), "listening");
+
+    let url = args.weights_url.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Some(arch) = to_fetch {
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            if let Err(e) = weights::fetch::fetch_torchvision(arch, &dir, &url, progress) {
+                tracing::error!(error = %e, "could not download the default model");
+            }
+        }
+        let report = engine.reload(&dir);
+        if report.loaded.is_empty() && report.unchanged.is_empty() {
+            tracing::error!("no model could be loaded: see the warnings above");
+        }
+    });
+    server::serve(listener, state, server::shutdown_signal()).await?;
+    Ok(())
+}
+
 pub fn forward(args: &ForwardArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
-    let network = weights::load_network(args.model, &args.weights, &device)
-        .with_context(|| format!("loading {} as {}", args.weights.display(), args.model))?;
+    let classifier = crate::engine::classifier::open(&args.weights, args.model, &device)
+        .with_context(|| format!("loading {}", args.weights.display()))?;
     let inputs = candle_core::safetensors::load(&args.input, &device)
         .with_context(|| format!("reading {}", args.input.display()))?;
     let mut outputs = HashMap::new();
@@ -93,7 +330,7 @@ pub fn forward(args: &ForwardArgs) -> anyhow::Result<()> {
         let mut chunks = Vec::new();
         for start in (0..n).step_by(usize::from(args.batch_size)) {
             let len = usize::from(args.batch_size).min(n - start);
-            chunks.push(network.forward(&xs.narrow(0, start, len)?)?);
+            chunks.push(classifier.logits(&xs.narrow(0, start, len)?)?);
         }
         let logits = Tensor::cat(&chunks, 0)?;
         tracing::info!(tensor = %name, input = ?xs.dims(), logits = ?logits.dims(), "ran");

@@ -8,11 +8,20 @@
 //!   and nothing else: no files, no threads, no HTTP.
 //! - [`weights`]: weight files (safetensors, torch `.pth` in both formats) → checked tensors →
 //!   a built [`models::Network`].
+//! - [`preprocess`]: image bytes → RGB the way PIL decodes them → the tensor torchvision's
+//!   transforms would make (PIL-exact antialiased bilinear resize).
+//! - [`engine`]: the model registry and one batching worker thread per model; `predict` is async,
+//!   the forward passes never run on the async runtime.
+//! - [`server`]: HTTP (axum) over the engine; the one place that knows status codes and JSON shapes.
+//! - [`metrics`]: the Prometheus registry the engine and the server write to.
 //! - [`atomic`]: crash-safe file writes, used for every model and state file we write.
 //! - [`cli`]: the command line (`clap`), and the subcommands that run without a server.
 
 pub mod atomic;
 pub mod cli;
+pub mod engine;
+pub mod metrics;
 pub mod models;
 pub mod preprocess;
+pub mod server;
 pub mod weights;

@@ -4,9 +4,16 @@ use cnnserve::cli::{self, Cli, Command};
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.json_logs);
-    match &cli.command {
-        Command::Forward(args) => cli::forward(args),
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Serve(args)) => serve(args),
+        Some(Command::Forward(args)) => cli::forward(&args),
+        Some(Command::Predict(args)) => cli::predict(&args),
     }
+}
+
+fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(cli::serve(args))
 }
 
 fn init_tracing(json: bool) {

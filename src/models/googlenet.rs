@@ -16,7 +16,8 @@ use super::layers::{self, ConvBn, ConvBnConfig, MaxPool2d};
 
 /// Key prefixes of the auxiliary classifiers, present in torchvision's files and unused in eval.
 pub const AUX_PREFIXES: &[&str] = &["aux1.", "aux2."];
-const DROPOUT: f32 = 0.2;
+/// The dropout before `fc`.
+pub const DROPOUT: f32 = 0.2;
 pub const EMBEDDING: usize = 1024;
 pub const MIN_INPUT_SIDE: usize = 32;
 

@@ -3,6 +3,7 @@
 //! This layer knows candle and nothing else: it is handed a `VarBuilder` and never opens a file.
 
 pub mod googlenet;
+pub mod head;
 pub mod layers;
 pub mod vgg;
 
@@ -14,6 +15,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 pub use googlenet::{GoogLeNet, GoogLeNetConfig};
+pub use head::{Head, TrainLayers};
 pub use vgg::{Vgg, VggConfig};
 
 /// An architecture, named as torchvision names its constructor.
@@ -190,6 +192,16 @@ impl Network {
         match self {
             Network::Vgg(m) => m.head_forward(features, train),
             Network::GoogLeNet(m) => m.head_forward(features, train),
+        }
+    }
+
+    /// VGG's pooled conv features `[N, 512·7·7]`, the input of `classifier.0`.
+    pub fn pooled(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Network::Vgg(m) => m.pooled(xs),
+            Network::GoogLeNet(_) => {
+                candle_core::bail!("googlenet has no VGG classifier: train its `fc` (head) only")
+            }
         }
     }
 

@@ -99,7 +99,8 @@ pub struct Vgg {
 }
 
 const POOLED: usize = 7;
-const DROPOUT: f32 = 0.5;
+/// `classifier.2` and `classifier.5`.
+pub const DROPOUT: f32 = 0.5;
 /// Five 2×2 pools must leave at least one pixel.
 pub const MIN_INPUT_SIDE: usize = 32;
 
@@ -193,6 +194,11 @@ impl Vgg {
     /// The last layer, `classifier.6`.
     pub fn head(&self) -> &Linear {
         &self.classifier_6
+    }
+
+    /// `classifier.0` and `classifier.3`, the starting point when the whole classifier trains.
+    pub fn hidden_layers(&self) -> (&Linear, &Linear) {
+        (&self.classifier_0, &self.classifier_3)
     }
 
     pub fn num_classes(&self) -> usize {

@@ -5,6 +5,8 @@
 //! every tensor it asks for is checked against the file, so a wrong file fails with the tensor's
 //! name and both shapes instead of a shape error deep inside a convolution.
 
+pub mod fetch;
+pub mod finetuned;
 pub mod pth;
 
 use std::collections::HashMap;

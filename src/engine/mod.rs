@@ -1,0 +1,460 @@
+//! Inference: the registry of servable models and the batching workers behind them.
+//!
+//! [`Engine`] is a cheap `Clone` handle. Every model name has one worker thread that owns the
+//! queue for that name; requests decode and preprocess on the blocking pool, then wait on a
+//! oneshot for their row of the batch. A semaphore bounds the requests in flight: one more is
+//! refused at once ([`EngineError::Overloaded`]) rather than queued without end.
+
+pub mod classifier;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use serde::Serialize;
+use tokio::sync::{oneshot, Semaphore};
+
+pub use crate::weights::finetuned::FineTunedMeta;
+pub use classifier::{Classifier, ModelKind};
+
+use crate::metrics::Metrics;
+use crate::models::Arch;
+use crate::preprocess::{self, ImageError};
+use crate::weights::{self, WeightsError};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub max_batch_size: usize,
+    pub max_batch_delay: Duration,
+    pub max_concurrent_requests: usize,
+    pub max_pixels: u64,
+    pub device: Device,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 16,
+            max_batch_delay: Duration::from_millis(5),
+            max_concurrent_requests: 64,
+            max_pixels: preprocess::DEFAULT_MAX_PIXELS,
+            device: Device::Cpu,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown model `{name}`; known models: {}", .known.join(", "))]
+    UnknownModel { name: String, known: Vec<String> },
+    #[error("too many requests: {limit} are already in flight; retry shortly")]
+    Overloaded { limit: usize },
+    #[error("no image in the request")]
+    NoImage,
+    #[error("image {index}: {source}")]
+    Image {
+        index: usize,
+        #[source]
+        source: ImageError,
+    },
+    #[error("model `{0}` is pretrained; only fine-tuned models can be deleted (remove its file and reload instead)")]
+    NotDeletable(String),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+/// One class of a prediction.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    pub index: usize,
+    pub label: String,
+    pub probability: f32,
+}
+
+/// The `k` most probable classes, most probable first; `k = 0` or `k ≥ classes` gives all.
+pub fn top_k(probabilities: &[f32], labels: &[String], k: usize) -> Vec<Prediction> {
+    let mut order: Vec<usize> = (0..probabilities.len()).collect();
+    order.sort_by(|&a, &b| {
+        probabilities[b]
+            .total_cmp(&probabilities[a])
+            .then(a.cmp(&b))
+    });
+    let k = if k == 0 {
+        order.len()
+    } else {
+        k.min(order.len())
+    };
+    order
+        .into_iter()
+        .take(k)
+        .map(|index| Prediction {
+            index,
+            label: labels
+                .get(index)
+                .cloned()
+                .unwrap_or_else(|| index.to_string()),
+            probability: probabilities[index],
+        })
+        .collect()
+}
+
+/// Softmax rows for every image of a request, with the model that produced them.
+pub struct Predicted {
+    pub classifier: Arc<Classifier>,
+    pub probabilities: Vec<Vec<f32>>,
+    /// The longest wait and forward pass among the request's images.
+    pub queue_time: Duration,
+    pub inference_time: Duration,
+}
+
+struct Slot {
+    classifier: Arc<Classifier>,
+    queue: mpsc::Sender<worker::Job>,
+}
+
+struct Inner {
+    config: EngineConfig,
+    models: RwLock<BTreeMap<String, Slot>>,
+    permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, metrics: Arc<Metrics>) -> Self {
+        let permits = Arc::new(Semaphore::new(config.max_concurrent_requests));
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                models: RwLock::new(BTreeMap::new()),
+                permits,
+                metrics,
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Adds a model, or swaps it in for the one of the same name. Images already admitted finish
+    /// on the model they were admitted with; later ones use the new one.
+    pub fn insert(&self, classifier: Classifier) -> Arc<Classifier> {
+        let classifier = Arc::new(classifier);
+        let mut models = self.inner.models.write().expect("model registry lock");
+        match models.get_mut(&classifier.name) {
+            Some(slot) => slot.classifier = classifier.clone(),
+            None => {
+                let (queue, jobs) = mpsc::channel();
+                let policy = worker::BatchPolicy {
+                    max_batch_size: self.inner.config.max_batch_size.max(1),
+                    max_batch_delay: self.inner.config.max_batch_delay,
+                    device: self.inner.config.device.clone(),
+                };
+                let metrics = self.inner.metrics.clone();
+                let name = classifier.name.clone();
+                std::thread::Builder::new()
+                    .name(format!("model-{name}"))
+                    .spawn(move || worker::run(name, jobs, policy, metrics))
+                    .expect("spawning a model worker thread");
+                models.insert(
+                    classifier.name.clone(),
+                    Slot {
+                        classifier: classifier.clone(),
+                        queue,
+                    },
+                );
+            }
+        }
+        tracing::info!(model = %classifier.name, arch = %classifier.arch, classes = classifier.num_classes(), "model ready");
+        classifier
+    }
+
+    /// Takes a model out of service; its worker finishes what is queued, then stops.
+    pub fn remove(&self, name: &str) -> Option<Arc<Classifier>> {
+        let mut models = self.inner.models.write().expect("model registry lock");
+        models.remove(name).map(|slot| slot.classifier)
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Classifier>> {
+        let models = self.inner.models.read().expect("model registry lock");
+        models.get(name).map(|slot| slot.classifier.clone())
+    }
+
+    pub fn models(&self) -> Vec<Arc<Classifier>> {
+        let models = self.inner.models.read().expect("model registry lock");
+        models
+            .values()
+            .map(|slot| slot.classifier.clone())
+            .collect()
+    }
+
+    pub fn model_names(&self) -> Vec<String> {
+        let models = self.inner.models.read().expect("model registry lock");
+        models.keys().cloned().collect()
+    }
+
+    fn unknown(&self, name: &str) -> EngineError {
+        EngineError::UnknownModel {
+            name: name.to_string(),
+            known: self.model_names(),
+        }
+    }
+
+    /// Decodes, preprocesses and classifies `images` with model `name`.
+    pub async fn predict(
+        &self,
+        name: &str,
+        images: Vec<bytes::Bytes>,
+    ) -> Result<Predicted, EngineError> {
+        let _permit = self
+            .inner
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| EngineError::Overloaded {
+                limit: self.inner.config.max_concurrent_requests,
+            })?;
+        if images.is_empty() {
+            return Err(EngineError::NoImage);
+        }
+        let (classifier, queue) = {
+            let models = self.inner.models.read().expect("model registry lock");
+            let slot = models.get(name).ok_or_else(|| self.unknown(name))?;
+            (slot.classifier.clone(), slot.queue.clone())
+        };
+        let transform = classifier.transform;
+        let max_pixels = self.inner.config.max_pixels;
+        let inputs = tokio::task::spawn_blocking(move || {
+            images
+                .iter()
+                .enumerate()
+                .map(|(index, bytes)| {
+                    let image = preprocess::decode_rgb(bytes, max_pixels)
+                        .map_err(|source| EngineError::Image { index, source })?;
+                    transform
+                        .apply(&image)
+                        .map_err(|e| EngineError::Inference(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| EngineError::Inference(format!("preprocessing task failed: {e}")))??;
+
+        let label = Metrics::model(name);
+        let mut replies = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let (reply, answer) = oneshot::channel();
+            let job = worker::Job {
+                classifier: classifier.clone(),
+                input,
+                enqueued: Instant::now(),
+                reply,
+            };
+            self.inner.metrics.queue_depth.get_or_create(&label).inc();
+            if queue.send(job).is_err() {
+                self.inner.metrics.queue_depth.get_or_create(&label).dec();
+                return Err(self.unknown(name));
+            }
+            replies.push(answer);
+        }
+        let mut probabilities = Vec::with_capacity(replies.len());
+        let (mut queue_time, mut inference_time) = (Duration::ZERO, Duration::ZERO);
+        for answer in replies {
+            let scored = answer
+                .await
+                .map_err(|_| EngineError::Inference("model worker stopped".into()))?
+                .map_err(EngineError::Inference)?;
+            queue_time = queue_time.max(scored.queue_time);
+            inference_time = inference_time.max(scored.inference_time);
+            probabilities.push(scored.probabilities);
+        }
+        Ok(Predicted {
+            classifier,
+            probabilities,
+            queue_time,
+            inference_time,
+        })
+    }
+
+    /// Deletes a fine-tuned model: out of service first, then its files.
+    pub fn delete(&self, name: &str) -> Result<Arc<Classifier>, EngineError> {
+        let classifier = self.get(name).ok_or_else(|| self.unknown(name))?;
+        if classifier.kind != ModelKind::FineTuned {
+            return Err(EngineError::NotDeletable(name.to_string()));
+        }
+        self.remove(name);
+        for path in [
+            classifier.file.clone(),
+            classifier.file.with_extension("json"),
+        ] {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(file = %path.display(), error = %e, "could not remove model file");
+            }
+        }
+        Ok(classifier)
+    }
+
+    /// Brings the registry in line with `dir`: new and changed files are loaded, models whose file
+    /// is gone are removed, unchanged ones are kept as they are. Blocking: seconds per model.
+    pub fn reload(&self, dir: &Path) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        let found = match scan(dir) {
+            Ok(found) => found,
+            Err(e) => {
+                report.failed.push((dir.to_path_buf(), e.to_string()));
+                return report;
+            }
+        };
+        report.skipped = found.skipped;
+        let mut wanted: Vec<String> = Vec::new();
+        for (name, arch, file) in found.pretrained {
+            wanted.push(name.clone());
+            match self.get(&name) {
+                Some(c) if c.file == file && !changed_since(&file, c.loaded_at) => {
+                    report.unchanged.push(name)
+                }
+                _ => match Classifier::pretrained(&name, arch, &file, &self.inner.config.device) {
+                    Ok(c) => {
+                        self.insert(c);
+                        report.loaded.push(name);
+                    }
+                    Err(e) => report.failed.push((file, e.to_string())),
+                },
+            }
+        }
+        for (meta, file) in found.fine_tuned {
+            let name = meta.name.clone();
+            wanted.push(name.clone());
+            if matches!(self.get(&name), Some(c) if c.file == file && !changed_since(&file, c.loaded_at))
+            {
+                report.unchanged.push(name);
+                continue;
+            }
+            let base = self
+                .models()
+                .into_iter()
+                .find(|c| c.kind == ModelKind::Pretrained && c.sha256 == meta.base_sha256);
+            let Some(base) = base else {
+                report.failed.push((
+                    file,
+                    format!(
+                        "its base model {} (sha256 {}) is not in the weights dir",
+                        meta.base_model, meta.base_sha256
+                    ),
+                ));
+                continue;
+            };
+            match Classifier::fine_tuned(meta, &file, &base, &self.inner.config.device) {
+                Ok(c) => {
+                    self.insert(c);
+                    report.loaded.push(name);
+                }
+                Err(e) => report.failed.push((file, e.to_string())),
+            }
+        }
+        for name in self.model_names() {
+            if !wanted.contains(&name) {
+                self.remove(&name);
+                report.removed.push(name);
+            }
+        }
+        for (file, error) in &report.failed {
+            tracing::warn!(file = %file.display(), %error, "model not loaded");
+        }
+        report
+    }
+}
+
+fn changed_since(file: &Path, loaded_at: chrono::DateTime<chrono::Utc>) -> bool {
+    let modified = std::fs::metadata(file).and_then(|m| m.modified());
+    match modified {
+        Ok(modified) => chrono::DateTime::<chrono::Utc>::from(modified) > loaded_at,
+        Err(_) => true,
+    }
+}
+
+/// What a reload did, by model name, and the files it could not use.
+#[derive(Debug, Default, Serialize)]
+pub struct ReloadReport {
+    pub loaded: Vec<String>,
+    pub unchanged: Vec<String>,
+    pub removed: Vec<String>,
+    pub failed: Vec<(PathBuf, String)>,
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+/// The models a weights dir holds.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub pretrained: Vec<(String, Arch, PathBuf)>,
+    pub fine_tuned: Vec<(FineTunedMeta, PathBuf)>,
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+/// Every `<name>.safetensors` / `<name>.pth` in `dir`: fine-tuned when a `<name>.json` sits beside
+/// it, else pretrained with the architecture named by the file (torchvision's `-<hash>` suffix
+/// dropped). Where both formats exist for one name, safetensors wins.
+pub fn scan(dir: &Path) -> std::io::Result<Scan> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("safetensors" | "pth")
+            )
+        })
+        .collect();
+    // safetensors sorts after pth: visiting in reverse lets it claim the name first
+    files.sort();
+    files.reverse();
+    let mut out = Scan::default();
+    let mut taken = std::collections::HashSet::new();
+    for file in files {
+        let meta_path = file.with_extension("json");
+        if meta_path.is_file() {
+            match FineTunedMeta::read(&meta_path) {
+                Ok(meta) if taken.insert(meta.name.clone()) => out.fine_tuned.push((meta, file)),
+                Ok(meta) => out
+                    .skipped
+                    .push((file, format!("model `{}` already found", meta.name))),
+                Err(e) => out.skipped.push((file, e.to_string())),
+            }
+            continue;
+        }
+        let name = weights::pth::model_name_from_file(&file);
+        match name.parse::<Arch>() {
+            Ok(arch) if taken.insert(name.clone()) => out.pretrained.push((name, arch, file)),
+            Ok(_) => out
+                .skipped
+                .push((file, format!("model `{name}` already found"))),
+            Err(_) => out.skipped.push((
+                file,
+                format!(
+                    "`{name}` is not an architecture name: name pretrained files after theirs \
+                     (vgg11_bn.safetensors, googlenet-1378be20.pth, …)"
+                ),
+            )),
+        }
+    }
+    for (file, why) in &out.skipped {
+        tracing::warn!(file = %file.display(), reason = %why, "skipped");
+    }
+    out.pretrained.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}

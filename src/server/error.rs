@@ -1,0 +1,114 @@
+//! The one place errors become HTTP: every status code cnnserve answers with is chosen here.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use crate::engine::EngineError;
+use crate::preprocess::ImageError;
+
+/// An error answer: `{"error": "...", "error_type": "..."}` with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub error_type: &'static str,
+    pub message: String,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    error_type: &'a str,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            error_type,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            message,
+        )
+    }
+
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is larger than the {limit}-byte limit (--payload-limit)"),
+        )
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn internal(message: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            message.to_string(),
+        )
+    }
+
+    /// A body-reading failure from axum: over the limit, or a broken upload.
+    pub fn from_body_rejection(status: StatusCode, detail: String, limit: usize) -> Self {
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::payload_too_large(limit)
+        } else {
+            Self::bad_request(format!("could not read the request body: {detail}"))
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let message = e.to_string();
+        match e {
+            EngineError::UnknownModel { .. } => Self::not_found(message),
+            EngineError::Overloaded { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message)
+            }
+            EngineError::NoImage => Self::bad_request(message),
+            EngineError::Image { source, .. } => match source {
+                ImageError::TooManyPixels { .. } => {
+                    Self::new(StatusCode::UNPROCESSABLE_ENTITY, "too_many_pixels", message)
+                }
+                _ => Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_image", message),
+            },
+            EngineError::NotDeletable(_) => Self::new(StatusCode::CONFLICT, "conflict", message),
+            EngineError::Weights(_) | EngineError::Inference(_) => Self::internal(message),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            // Details of our own failures go to the log, not to the client.
+            tracing::error!(error = %self.message, "request failed");
+            let body = Body {
+                error: "internal server error; see the server log",
+                error_type: self.error_type,
+            };
+            return (self.status, Json(body)).into_response();
+        }
+        let body = Body {
+            error: &self.message,
+            error_type: self.error_type,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,122 @@
+//! HTTP: routes, shared state, and the serve loop. The only module that knows axum.
+
+pub mod error;
+mod health;
+mod models;
+mod predict;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request};
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::engine::Engine;
+use error::ApiError;
+
+/// Settings the HTTP layer needs beyond the engine's.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub weights_dir: PathBuf,
+    /// Largest request body accepted, in bytes.
+    pub payload_limit: usize,
+    /// Shown by `/info`.
+    pub device_name: String,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub config: Arc<ServerConfig>,
+    default_model: Arc<RwLock<Option<String>>>,
+}
+
+impl AppState {
+    pub fn new(engine: Engine, config: ServerConfig, default_model: Option<String>) -> Self {
+        Self {
+            engine,
+            config: Arc::new(config),
+            default_model: Arc::new(RwLock::new(default_model)),
+        }
+    }
+
+    /// The configured default when it is loaded, else the first model loaded.
+    pub fn default_model(&self) -> Option<String> {
+        let configured = self
+            .default_model
+            .read()
+            .expect("default model lock")
+            .clone();
+        match configured {
+            Some(name) if self.engine.get(&name).is_some() => Some(name),
+            configured => self.engine.model_names().into_iter().next().or(configured),
+        }
+    }
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn router(state: AppState) -> Router {
+    let limit = DefaultBodyLimit::max(state.config.payload_limit);
+    Router::new()
+        .route("/predict", post(predict::predict).layer(limit))
+        .route("/models", get(models::list))
+        .route("/models/reload", post(models::reload))
+        .route("/models/{name}", get(models::get).delete(models::delete))
+        .route("/models/{name}/predict", post(predict::predict_named).layer(limit))
+        .route("/health", get(health::health))
+        .route("/ping", get(health::ping))
+        .route("/info", get(health::info))
+        .route("/metrics", get(health::metrics))
+        .fallback(|| async { ApiError::not_found("no such endpoint; see the README for the API") })
+        .with_state(state)
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+            let id = request
+                .headers()
+                .get(&REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
+        }))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves, then lets requests in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}

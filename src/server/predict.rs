@@ -1,0 +1,234 @@
+//! `POST /predict` and `POST /models/{name}/predict`.
+
+use std::time::Instant;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::engine::{self, Prediction};
+use crate::metrics::{Metrics, RequestLabels};
+
+#[derive(Debug, Deserialize)]
+pub struct PredictQuery {
+    /// Model name; the server's default model when absent.
+    pub model: Option<String>,
+    /// How many classes to return; 0 (or more than there are) returns all. Default 5.
+    pub top_k: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct Predictions {
+    predictions: Vec<Prediction>,
+}
+
+#[derive(Serialize)]
+struct Single {
+    model: String,
+    predictions: Vec<Prediction>,
+}
+
+#[derive(Serialize)]
+struct Several {
+    model: String,
+    results: Vec<Predictions>,
+}
+
+const DEFAULT_TOP_K: usize = 5;
+
+pub async fn predict(
+    State(state): State<AppState>,
+    query: Result<Query<PredictQuery>, QueryRejection>,
+    request: Request,
+) -> Response {
+    let Query(query) = match query {
+        Ok(q) => q,
+        Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
+    };
+    let model = query.model.clone().or_else(|| state.default_model());
+    run(state, model, query.top_k, request).await
+}
+
+pub async fn predict_named(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<PredictQuery>, QueryRejection>,
+    request: Request,
+) -> Response {
+    let top_k = match query {
+        Ok(Query(q)) => q.top_k,
+        Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
+    };
+    run(state, Some(name), top_k, request).await
+}
+
+async fn run(
+    state: AppState,
+    model: Option<String>,
+    top_k: Option<usize>,
+    request: Request,
+) -> Response {
+    let started = Instant::now();
+    // Label by known model names only: request-chosen labels would let clients grow /metrics.
+    let model_label = match &model {
+        Some(name) if state.engine.get(name).is_some() => name.clone(),
+        _ => "unknown".to_string(),
+    };
+    let response = match answer(
+        &state,
+        model,
+        top_k.unwrap_or(DEFAULT_TOP_K),
+        request,
+        started,
+    )
+    .await
+    {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    };
+    let metrics = state.engine.metrics();
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            model: model_label.clone(),
+            status: response.status().as_u16(),
+        })
+        .inc();
+    metrics
+        .total_seconds
+        .get_or_create(&Metrics::model(&model_label))
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn answer(
+    state: &AppState,
+    model: Option<String>,
+    top_k: usize,
+    request: Request,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let model = model.ok_or_else(|| {
+        ApiError::not_found("no model is loaded yet; see GET /models and GET /health")
+    })?;
+    if state.engine.get(&model).is_none() {
+        return Err(super::models::unknown(state, &model));
+    }
+    let (images, several) = read_images(state, request).await?;
+    let predicted = state.engine.predict(&model, images).await?;
+    let labels = &predicted.classifier.labels;
+    let mut results: Vec<Vec<Prediction>> = predicted
+        .probabilities
+        .iter()
+        .map(|p| engine::top_k(p, labels, top_k))
+        .collect();
+    let body = if several {
+        Json(Several {
+            model: predicted.classifier.name.clone(),
+            results: results
+                .into_iter()
+                .map(|predictions| Predictions { predictions })
+                .collect(),
+        })
+        .into_response()
+    } else {
+        Json(Single {
+            model: predicted.classifier.name.clone(),
+            predictions: results.remove(0),
+        })
+        .into_response()
+    };
+    let mut response = body;
+    let headers = response.headers_mut();
+    timing_header(headers, "x-queue-time", predicted.queue_time.as_secs_f64());
+    timing_header(
+        headers,
+        "x-inference-time",
+        predicted.inference_time.as_secs_f64(),
+    );
+    timing_header(headers, "x-total-time", started.elapsed().as_secs_f64());
+    Ok(response)
+}
+
+/// Milliseconds, as text-embeddings-inference and TorchServe report them.
+fn timing_header(headers: &mut HeaderMap, name: &'static str, seconds: f64) {
+    if let Ok(value) = HeaderValue::from_str(&format!("{:.3}", seconds * 1e3)) {
+        headers.insert(name, value);
+    }
+}
+
+/// The request's images, and whether it was a multipart upload with more than one.
+async fn read_images(state: &AppState, request: Request) -> Result<(Vec<Bytes>, bool), ApiError> {
+    let limit = state.config.payload_limit;
+    let content_type = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.to_ascii_lowercase());
+    match content_type.as_deref() {
+        Some(ct) if ct.starts_with("multipart/form-data") => {
+            let mut multipart = Multipart::from_request(request, state).await.map_err(|e| {
+                ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
+            })?;
+            let mut images = Vec::new();
+            loop {
+                let field = match multipart.next_field().await {
+                    Ok(Some(field)) => field,
+                    Ok(None) => break,
+                    Err(e) => {
+                        return Err(ApiError::from_body_rejection(
+                            e.status(),
+                            e.body_text(),
+                            limit,
+                        ))
+                    }
+                };
+                if field.name() != Some("image") {
+                    continue;
+                }
+                let bytes = field
+                    .bytes()
+                    .await
+                    .map_err(|e| ApiError::from_body_rejection(e.status(), e.body_text(), limit))?;
+                images.push(bytes);
+            }
+            if images.is_empty() {
+                return Err(ApiError::bad_request(
+                    "multipart body has no `image` field: send the image as a file field named `image`",
+                ));
+            }
+            let several = images.len() > 1;
+            Ok((images, several))
+        }
+        // curl's --data-binary says form-urlencoded unless told otherwise: the bytes decide.
+        None => raw_body(request, limit).await,
+        Some(ct)
+            if ct.starts_with("image/")
+                || ct.starts_with("application/octet-stream")
+                || ct.starts_with("application/x-www-form-urlencoded") =>
+        {
+            raw_body(request, limit).await
+        }
+        Some(other) => Err(ApiError::unsupported_media_type(format!(
+            "content type `{other}` is not an image: send the raw image bytes (image/* or \
+             application/octet-stream) or multipart/form-data with `image` file fields"
+        ))),
+    }
+}
+
+async fn raw_body(request: Request, limit: usize) -> Result<(Vec<Bytes>, bool), ApiError> {
+    let bytes = Bytes::from_request(request, &())
+        .await
+        .map_err(|e| ApiError::from_body_rejection(e.status(), e.body_text(), limit))?;
+    if bytes.is_empty() {
+        return Err(ApiError::bad_request("empty body: no image was sent"));
+    }
+    Ok((vec![bytes], false))
+}

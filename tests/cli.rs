@@ -1,0 +1,188 @@
+//! The command line as a user runs it: `cnnserve predict` and the weights it accepts.
+
+mod common;
+
+use std::process::Command;
+
+use candle_core::{DType, Device};
+use cnnserve::models::Arch;
+use cnnserve::weights;
+use serde_json::Value;
+
+fn cnnserve() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cnnserve"));
+    command.env("RUST_LOG", "warn").env_remove("RUST_BACKTRACE");
+    command
+}
+
+#[test]
+fn legacy_pth_gives_the_same_logits_as_safetensors() {
+    let fixtures = common::fixtures();
+    let from_pth = weights::load_network(
+        Arch::Googlenet,
+        &fixtures.join("googlenet/weights.pth"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let from_st = weights::load_network(
+        Arch::Googlenet,
+        &fixtures.join("googlenet/weights.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let refs = candle_core::safetensors::load(
+        fixtures.join("googlenet/reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let xs = &refs["inputs_224x224"];
+    let a = from_pth.forward(xs).unwrap();
+    assert_eq!(common::max_abs_diff(&a, &from_st.forward(xs).unwrap()), 0.0);
+    assert!(common::max_abs_diff(&a, &refs["logits_224x224"]) < 1e-3);
+}
+
+#[test]
+fn half_precision_weights_are_converted_to_f32_on_load() {
+    let fixtures = common::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    for dtype in [DType::F16, DType::BF16] {
+        let tensors = weights::read_tensors(
+            &fixtures.join("googlenet/weights.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            let t = if t.dtype() == DType::F32 {
+                t.to_dtype(dtype).unwrap()
+            } else {
+                t
+            };
+            (n, t)
+        })
+        .collect();
+        let path = dir.path().join(format!("googlenet-{dtype:?}.safetensors"));
+        weights::save_safetensors(&tensors, &path).unwrap();
+        let loaded = weights::to_f32(weights::read_tensors(&path, &Device::Cpu).unwrap()).unwrap();
+        let key = "inception4a.branch1.conv.weight";
+        assert_eq!(loaded[key].dtype(), DType::F32);
+        let expected = tensors[key].to_dtype(DType::F32).unwrap();
+        assert_eq!(common::max_abs_diff(&loaded[key], &expected), 0.0);
+        // The network runs in f32 and still lands near PyTorch's f32 logits.
+        let net = weights::load_network(Arch::Googlenet, &path, &Device::Cpu).unwrap();
+        let refs = candle_core::safetensors::load(
+            fixtures.join("googlenet/reference.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let logits = net.forward(&refs["inputs_224x224"]).unwrap();
+        assert_eq!(logits.dtype(), DType::F32);
+        let diff = common::max_abs_diff(&logits, &refs["logits_224x224"]);
+        assert!(diff < 0.5, "{dtype:?}: {diff}");
+    }
+}
+
+fn json_lines(stdout: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn predict_prints_sorted_softmax_probabilities_with_imagenet_labels() {
+    let fixtures = common::fixtures();
+    let pre = fixtures.join("preprocess");
+    let out = cnnserve()
+        .args([
+            "predict",
+            "--model",
+            "googlenet",
+            "--json",
+            "--top-k",
+            "3",
+            "--weights",
+        ])
+        .arg(fixtures.join("googlenet/weights.pth"))
+        .arg(pre.join("img0.jpg"))
+        .arg(pre.join("img2.jpg"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out.stdout);
+    assert_eq!(lines.len(), 2);
+    let labels: Vec<&str> = include_str!("../src/engine/imagenet_classes.txt")
+        .lines()
+        .collect();
+    for (line, name) in lines.iter().zip(["img0.jpg", "img2.jpg"]) {
+        assert!(line["file"].as_str().unwrap().ends_with(name));
+        let predictions = line["predictions"].as_array().unwrap();
+        assert_eq!(predictions.len(), 3);
+        let probs: Vec<f64> = predictions
+            .iter()
+            .map(|p| p["probability"].as_f64().unwrap())
+            .collect();
+        assert!(probs.windows(2).all(|w| w[0] >= w[1]), "{probs:?}");
+        for p in predictions {
+            let index = p["index"].as_u64().unwrap() as usize;
+            assert_eq!(p["label"], labels[index]);
+        }
+    }
+
+    let all = cnnserve()
+        .args([
+            "predict",
+            "--model",
+            "googlenet",
+            "--json",
+            "--top-k",
+            "0",
+            "--weights",
+        ])
+        .arg(fixtures.join("googlenet/weights.safetensors"))
+        .arg(pre.join("img1.jpg"))
+        .output()
+        .unwrap();
+    let line = &json_lines(&all.stdout)[0];
+    let total: f64 = line["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["probability"].as_f64().unwrap())
+        .sum();
+    assert_eq!(line["predictions"].as_array().unwrap().len(), 1000);
+    assert!((total - 1.0).abs() < 1e-3, "{total}");
+}
+
+#[test]
+fn a_torchvision_file_name_says_the_architecture_and_bad_images_fail_the_command() {
+    let fixtures = common::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("googlenet-1378be20.pth");
+    std::os::unix::fs::symlink(fixtures.join("googlenet/weights.pth"), &file).unwrap();
+    let text = dir.path().join("notes.jpg");
+    std::fs::write(&text, "not an image").unwrap();
+    let out = cnnserve()
+        .args(["predict", "--top-k", "1", "--weights"])
+        .arg(&file)
+        .arg(fixtures.join("preprocess/img4.jpg"))
+        .arg(&text)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stdout.contains("img4.jpg") && stdout.contains('%'),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("notes.jpg") && stderr.contains("not an image"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("1 of 2 images"), "{stderr}");
+}

@@ -1,0 +1,265 @@
+//! `cnnserve serve` as a process: start-up checks, downloads of missing weights, signals.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::Digest;
+
+fn cnnserve() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cnnserve"));
+    command.env("RUST_LOG", "info").env_remove("RUST_BACKTRACE");
+    command
+}
+
+/// A static file server on a random local port, standing in for download.pytorch.org.
+async fn file_server(files: Vec<(&'static str, Vec<u8>)>) -> String {
+    let mut app = axum::Router::new();
+    for (name, bytes) in files {
+        app = app.route(
+            &format!("/models/{name}"),
+            axum::routing::get(move || async move { bytes }),
+        );
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/models")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_checks_the_sha256_prefix_and_leaves_nothing_half_written() {
+    let payload = b"pretend these are weights".to_vec();
+    let digest = format!("{:x}", sha2::Sha256::digest(&payload));
+    let base = file_server(vec![("good.pth", payload.clone())]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("good.pth");
+
+    let (url, wrong) = (format!("{base}/good.pth"), "deadbeef".to_string());
+    let t = target.clone();
+    let err = tokio::task::spawn_blocking(move || {
+        cnnserve::weights::fetch::download(&url, &wrong, &t, false)
+    })
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(err.to_string().contains("sha256"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
+
+    let (url, prefix, t) = (
+        format!("{base}/good.pth"),
+        digest[..8].to_string(),
+        target.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        cnnserve::weights::fetch::download(&url, &prefix, &t, false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), payload);
+
+    let (url, t) = (
+        format!("{base}/missing.pth"),
+        dir.path().join("missing.pth"),
+    );
+    let err = tokio::task::spawn_blocking(move || {
+        cnnserve::weights::fetch::download(&url, "00", &t, false)
+    })
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+    assert!(!dir.path().join("missing.pth").exists());
+}
+
+#[test]
+fn torchvision_file_names_carry_their_architecture_and_hash() {
+    use cnnserve::models::Arch;
+    use cnnserve::weights::{fetch, pth};
+    for arch in Arch::ALL {
+        let file = fetch::torchvision_file(arch);
+        assert_eq!(pth::model_name_from_file(Path::new(file)), arch.name());
+        assert_eq!(fetch::hash_prefix(file).unwrap().len(), 8, "{file}");
+    }
+}
+
+#[test]
+fn offline_with_an_empty_weights_dir_exits_saying_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cnnserve()
+        .args(["--offline", "--addr", "127.0.0.1:0", "--weights-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nothing to serve"), "{stderr}");
+    assert!(
+        stderr.contains("vgg11_bn-6002323d.pth") && stderr.contains("without --offline"),
+        "{stderr}"
+    );
+}
+
+/// Reads the server's JSON logs: returns the address it listens on, and every line as it comes.
+fn listening_addr(child: &mut Child) -> (String, std::sync::mpsc::Receiver<String>) {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if v["fields"]["message"] == "listening" {
+                return (v["fields"]["addr"].as_str().unwrap().to_string(), rx);
+            }
+        }
+    }
+    panic!("server never said it listens");
+}
+
+/// Collects log lines until one contains `needle` (or a minute passes).
+fn logs_until(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let done = line.contains(needle);
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    seen.join("\n")
+}
+
+fn wait_until_healthy(addr: &str) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = match ureq::get(&format!("http://{addr}/health")).call() {
+            Ok(r) => r.status().as_u16(),
+            Err(ureq::Error::StatusCode(code)) => code,
+            Err(e) => panic!("{e}"),
+        };
+        if status == 200 || Instant::now() > deadline {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn serve_loads_the_weights_dir_answers_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        common::fixtures().join("googlenet/weights.pth"),
+        dir.path().join("googlenet-1378be20.pth"),
+    )
+    .unwrap();
+    let mut child = cnnserve()
+        .args([
+            "serve",
+            "--offline",
+            "--json-logs",
+            "--addr",
+            "127.0.0.1:0",
+            "--weights-dir",
+        ])
+        .arg(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, logs) = listening_addr(&mut child);
+    assert_eq!(wait_until_healthy(&addr), 200);
+    let image = std::fs::read(common::fixtures().join("preprocess/img3.jpg")).unwrap();
+    let body: serde_json::Value = ureq::post(&format!("http://{addr}/predict?top_k=1"))
+        .header("content-type", "image/jpeg")
+        .send(&image[..])
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .map(|text| serde_json::from_str(&text).unwrap())
+        .unwrap();
+    assert_eq!(
+        body["model"], "googlenet",
+        "vgg11_bn is absent: the only model is the default"
+    );
+    sigterm(&child);
+    let logs = logs_until(&logs, "shutting down");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(logs.contains("shutting down"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_downloads_a_missing_default_model_and_refuses_a_corrupt_one() {
+    // Our fixture is not torchvision's file, so its sha256 cannot match the name's hash:
+    // the download must be refused and nothing kept.
+    let weights = std::fs::read(common::fixtures().join("googlenet/weights.pth")).unwrap();
+    let base = file_server(vec![("googlenet-1378be20.pth", weights)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().to_path_buf();
+    let logs = tokio::task::spawn_blocking(move || {
+        let mut child = cnnserve()
+            .args([
+                "--json-logs",
+                "--addr",
+                "127.0.0.1:0",
+                "--default-model",
+                "googlenet",
+            ])
+            .arg("--weights-url")
+            .arg(&base)
+            .arg("--weights-dir")
+            .arg(&dir_path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (addr, lines) = listening_addr(&mut child);
+        let logs = logs_until(&lines, "no model could be loaded");
+        assert_eq!(
+            wait_until_healthy_once(&addr),
+            503,
+            "no model could be loaded"
+        );
+        sigterm(&child);
+        child.wait().unwrap();
+        logs
+    })
+    .await
+    .unwrap();
+    assert!(logs.contains("downloading weights"), "{logs}");
+    assert!(logs.contains("does not start with 1378be20"), "{logs}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no file kept"
+    );
+}
+
+fn wait_until_healthy_once(addr: &str) -> u16 {
+    match ureq::get(&format!("http://{addr}/health")).call() {
+        Ok(r) => r.status().as_u16(),
+        Err(ureq::Error::StatusCode(code)) => code,
+        Err(e) => panic!("{e}"),
+    }
+}
