@@ -1,5 +1,7 @@
 //! Bytes from a user → an RGB8 image, the way Pillow's `Image.open(...).convert("RGB")` sees it.
 
+use super::jpeg::{self, JpegError};
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 use std::io::Cursor;
 
@@ -47,9 +49,14 @@ pub enum ImageError {
 
 /// Decode `bytes` (JPEG, PNG, BMP, WebP or GIF, recognised by content) into RGB8.
 ///
-/// The conversion follows Pillow's `convert("RGB")`: alpha is dropped, not composited over a
-/// background (a transparent pixel keeps its stored colour); palettes are expanded; gray is
-/// copied to the three channels; a GIF yields its first frame.
+/// The result is what Pillow's `Image.open(...).convert("RGB")` gives: alpha is dropped, not
+/// composited over a background (a transparent pixel keeps its stored colour); palettes are
+/// expanded; gray is copied to the three channels; a GIF yields its first frame. Pixels are
+/// identical to Pillow's for PNG, BMP, GIF and WebP (lossless and lossy), and for JPEG as
+/// photos use it (baseline or progressive, gray or YCbCr, any integer chroma sampling), which
+/// we decode with a port of libjpeg-turbo's arithmetic (see `jpeg.rs`). Rarer JPEGs
+/// (arithmetic-coded, 12-bit, CMYK, progressive files missing coefficient bits) fall back to
+/// the `image` crate's zune-jpeg, whose pixels differ by a few levels.
 ///
 /// Deliberate differences from Pillow + torchvision:
 /// - EXIF orientation is applied, so a phone photo stored sideways comes out upright. Pillow and
@@ -60,12 +67,13 @@ pub enum ImageError {
 ///   which differs by one level for about half the values). For 16-bit *gray* Pillow clamps
 ///   instead (mode `I;16` → RGB maps every value above 255 to 255, turning a real 16-bit photo
 ///   white); we use the high byte there too.
-/// - Truncated files are errors, as in Pillow by default (`LOAD_TRUNCATED_IMAGES = False`); the
-///   JPEG decoder we use would otherwise fill the missing part with grey.
+/// - Damaged files are errors. Pillow also refuses truncated files by default
+///   (`LOAD_TRUNCATED_IMAGES = False`), but libjpeg only warns about corrupt JPEG data and
+///   decodes garbage; we reject it.
 ///
 /// `width × height` from the header is checked against `max_pixels` before any pixel is
-/// decoded, and the decoder gets matching [`image::Limits`] so that a header that lies about the
-/// size cannot make it allocate without bound.
+/// decoded, and the decoders get matching allocation limits so that a header that lies about
+/// the size cannot make them allocate without bound.
 pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
@@ -97,15 +105,38 @@ fn decode_inner(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
             })
         }
     };
-    let name = format_name(format);
-    let map = |e| map_error(name, e);
 
+    let mut unsupported_jpeg = None;
     if format == ImageFormat::Jpeg {
-        // Checked first: zune-jpeg pads a truncated scan with grey and reports success.
+        match jpeg::decode(bytes, max_pixels) {
+            Ok(decoded) => return jpeg_to_rgb(decoded),
+            // Exotic JPEGs go to zune-jpeg below; its pixels differ slightly from Pillow's.
+            Err(JpegError::Unsupported(reason)) => unsupported_jpeg = Some(reason),
+            Err(e) => return Err(map_jpeg_error(e, max_pixels)),
+        }
+        // zune-jpeg pads a truncated scan with grey and reports success, so check first.
         check_jpeg_complete(bytes)?;
     }
+    let result = decode_with_image_crate(reader, format, max_pixels);
+    match (result, unsupported_jpeg) {
+        // Neither decoder handles it: name the feature our decoder recognised.
+        (Err(ImageError::Corrupt { .. } | ImageError::UnsupportedFeature { .. }), Some(reason)) => {
+            Err(ImageError::UnsupportedFeature {
+                format: "JPEG",
+                reason,
+            })
+        }
+        (result, _) => result,
+    }
+}
 
-    let mut reader = reader;
+fn decode_with_image_crate(
+    mut reader: ImageReader<Cursor<&[u8]>>,
+    format: ImageFormat,
+    max_pixels: u64,
+) -> Result<RgbImage, ImageError> {
+    let name = format_name(format);
+    let map = |e| map_error(name, e);
     // Width and height are left unlimited here so that an oversized header reaches our own
     // check below and gets its precise error; the allocation cap is already in force because
     // the PNG decoder only takes limits at construction.
@@ -129,14 +160,50 @@ fn decode_inner(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
         .set_limits(limits(Some(max_pixels), max_pixels))
         .map_err(map)?;
     // Broken metadata must not cost the user their photo: treat it as "no rotation".
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
 
     let decoded = DynamicImage::from_decoder(decoder).map_err(map)?;
-    let mut rgb = DynamicImage::ImageRgb8(to_rgb8_like_pillow(decoded, name)?);
-    rgb.apply_orientation(orientation);
-    Ok(rgb.into_rgb8())
+    Ok(upright(to_rgb8_like_pillow(decoded, name)?, orientation))
+}
+
+/// Apply an EXIF orientation so that the image displays as the camera meant it.
+fn upright(rgb: RgbImage, orientation: Orientation) -> RgbImage {
+    let mut img = DynamicImage::ImageRgb8(rgb);
+    img.apply_orientation(orientation);
+    img.into_rgb8()
+}
+
+fn jpeg_to_rgb(d: jpeg::Decoded) -> Result<RgbImage, ImageError> {
+    let pixels = if d.channels == 1 {
+        d.pixels.iter().flat_map(|&l| [l, l, l]).collect()
+    } else {
+        d.pixels
+    };
+    let rgb = RgbImage::from_raw(d.width, d.height, pixels).ok_or_else(|| ImageError::Corrupt {
+        format: "JPEG",
+        reason: "decoded size does not match the header".into(),
+    })?;
+    let orientation = d
+        .exif
+        .as_deref()
+        .and_then(Orientation::from_exif_chunk)
+        .unwrap_or(Orientation::NoTransforms);
+    Ok(upright(rgb, orientation))
+}
+
+fn map_jpeg_error(err: JpegError, max_pixels: u64) -> ImageError {
+    let format = "JPEG";
+    match err {
+        JpegError::TooManyPixels { width, height } => ImageError::TooManyPixels {
+            width,
+            height,
+            limit: max_pixels,
+        },
+        JpegError::TooLarge(reason) => ImageError::TooLarge { format, reason },
+        JpegError::Truncated(reason) => ImageError::Truncated { format, reason },
+        JpegError::Corrupt(reason) => ImageError::Corrupt { format, reason },
+        JpegError::Unsupported(reason) => ImageError::UnsupportedFeature { format, reason },
+    }
 }
 
 fn limits(max_side: Option<u64>, max_pixels: u64) -> Limits {
@@ -144,10 +211,14 @@ fn limits(max_side: Option<u64>, max_pixels: u64) -> Limits {
     let side = max_side.map(|s| u32::try_from(s).unwrap_or(u32::MAX));
     limits.max_image_width = side;
     limits.max_image_height = side;
-    // The largest legitimate decode is RGBA16 at the pixel limit (8 bytes a pixel); the
-    // slack covers decoders' working buffers for small images.
-    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(16 << 20));
+    limits.max_alloc = Some(alloc_budget(max_pixels));
     limits
+}
+
+/// Bytes a decoder may allocate for an image at the pixel limit: the largest legitimate decode
+/// is RGBA16 (8 bytes a pixel); the slack covers working buffers of small images.
+pub(super) fn alloc_budget(max_pixels: u64) -> u64 {
+    max_pixels.saturating_mul(8).saturating_add(16 << 20)
 }
 
 /// Pillow's `convert("RGB")` for every layout our decoders produce.

@@ -1,26 +1,32 @@
 //! Image bytes → the normalised tensor a torchvision classifier expects.
 //!
 //! The models we serve were trained and evaluated on tensors made by Pillow and torchvision, so
-//! this module reproduces that pipeline rather than doing "something similar":
+//! this module reproduces that pipeline exactly rather than doing "something similar":
 //!
-//! - decoding ([`decode_rgb`]) follows `PIL.Image.open(f).convert("RGB")`: format recognised by
-//!   content, alpha dropped, palettes expanded, gray replicated;
+//! - decoding ([`decode_rgb`]) gives the pixels of `PIL.Image.open(f).convert("RGB")`: format
+//!   recognised by content, alpha dropped, palettes expanded, gray replicated, and JPEGs decoded
+//!   with a port of libjpeg-turbo's IDCT, upsampling and colour conversion (`jpeg.rs`), since
+//!   other JPEG decoders move pixels by a few levels;
 //! - resizing ([`resize_bilinear`]) is a port of Pillow's `Resample.c` bilinear filter with
-//!   antialiasing, bit-exact, which is what torchvision's `Resize` calls for PIL images;
+//!   antialiasing, which is what torchvision's `Resize` calls for PIL images;
 //! - [`Transform`] applies torchvision's `Resize`/`CenterCrop` geometry, then
 //!   [`to_normalized_tensor`] does `ToTensor` + `Normalize` in the same float32 operation order.
+//!
+//! On the reference photos the tensors are bit-identical to torchvision's (Pillow 13).
 //!
 //! Where we deliberately differ from Pillow + torchvision:
 //! - EXIF orientation is applied (phone photos are stored sideways with a rotation tag; Pillow
 //!   ignores the tag unless `ImageOps.exif_transpose` is called);
 //! - 16-bit gray images are scaled to 8 bits (`v >> 8`) instead of clamped at 255;
-//! - truncated files and headers over the pixel limit are errors;
-//! - JPEG pixels come from the `image` crate's decoder (zune-jpeg), not libjpeg-turbo; the two
-//!   differ by a few levels on a fraction of pixels (different IDCT and chroma upsampling
-//!   rounding), which after resizing stays well under 0.01 mean absolute difference in
-//!   normalised units. PNG, BMP, GIF and lossless WebP decode to identical pixels.
+//! - truncated or corrupt files and headers over the pixel limit are errors (libjpeg would
+//!   decode corrupt JPEG data with a warning);
+//! - rare JPEG flavours (arithmetic coding, 12-bit, CMYK, progressive files missing coefficient
+//!   bits) are decoded by zune-jpeg and may differ by a few levels;
+//! - resizing follows Pillow 13's pass order; Pillow 12 and older differ by one level on a few
+//!   pixels when the height shrinks much more than the width (see [`resize_bilinear`]).
 
 mod decode;
+mod jpeg;
 mod resample;
 
 pub use decode::{decode_rgb, ImageError, DEFAULT_MAX_PIXELS};

@@ -338,7 +338,7 @@ mod tests {
         let img = RgbImage::from_fn(37, 23, |x, y| {
             image::Rgb([(x * 7 + y * 3) as u8, (x * y) as u8, (255 - x * 5) as u8])
         });
-        for (w, h) in [(20, 50), (50, 20), (37, 11), (13, 23), (64, 64)] {
+        for (w, h) in [(20, 50), (50, 20), (37, 11), (30, 5), (13, 23), (64, 64)] {
             let full = resize_bilinear(&img, w, h);
             let (x0, y0) = (w / 4, h / 3);
             let win = resize_window(&img, w, h, x0..w - 2, y0..h - 1);
