@@ -39,6 +39,8 @@ pub enum Command {
     Forward(ForwardArgs),
     /// Classify image files and print the most probable classes.
     Predict(PredictArgs),
+    /// Train a new classifier head on an ImageFolder data set (folder or zip) in the terminal.
+    Finetune(FinetuneArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -152,6 +154,186 @@ pub struct PredictArgs {
     /// Image files, decoded by content (a BMP named .jpg is fine).
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    /// ImageFolder data set: a folder or a zip of `<class>/<image>` or `train/<class>/…` (+ `test/<class>/…`).
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Architecture of the pretrained model to build on.
+    #[arg(long)]
+    pub base_model: Arch,
+    /// Its torchvision weights (safetensors or .pth).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Name of the new model (default `<base>-ft-<random>`).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where `<name>.safetensors` and `<name>.json` are written.
+    #[arg(long, default_value = "weights", env = "CNNSERVE_WEIGHTS_DIR")]
+    pub weights_dir: PathBuf,
+    #[arg(long, default_value_t = 5)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub learning_rate: f64,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Share of each class held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    pub valid_ratio: f64,
+    /// RandomRotation(5) + RandomHorizontalFlip(0.5) on training images.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub augment: bool,
+    /// `head` (the last Linear) or `classifier` (VGG's three Linear layers).
+    #[arg(long, default_value = "head")]
+    pub train_layers: crate::models::TrainLayers,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Largest image accepted, in pixels; larger ones are skipped and listed.
+    #[arg(long, default_value_t = crate::preprocess::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
+    /// Device, as for `serve`.
+    #[arg(long, default_value = "cpu", env = "CNNSERVE_DEVICE")]
+    pub device: String,
+}
+
+/// A fresh model name: `<base>-ft-<6 hex digits>`.
+pub fn default_model_name(base: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{base}-ft-{}", &id[..6])
+}
+
+pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
+    use crate::train::{self, Event, Params};
+    let params = Params {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.learning_rate,
+        valid_ratio: args.valid_ratio,
+        augment: args.augment,
+        train_layers: args.train_layers,
+        seed: args.seed,
+    };
+    train::TrainError::check(args.base_model, &params)?;
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| default_model_name(args.base_model.name()));
+    train::output::check_name(&name).map_err(anyhow::Error::msg)?;
+    let device = parse_device(&args.device)?;
+
+    eprintln!("reading {}", args.dataset.display());
+    let limits = train::DatasetLimits {
+        max_pixels: args.max_pixels,
+        ..train::DatasetLimits::default()
+    };
+    let data = train::dataset::load(&args.dataset, &limits, (256, 256))?;
+    eprintln!(
+        "{} classes ({}), {} training and {} test images; {} files skipped, {} ignored",
+        data.classes.len(),
+        data.classes.join(", "),
+        data.train.len(),
+        data.test.len(),
+        data.skipped.len(),
+        data.ignored
+    );
+    for s in &data.skipped {
+        eprintln!("  skipped {}: {}", s.file, s.reason);
+    }
+    let network = weights::load_network(args.base_model, &args.weights, &device)
+        .with_context(|| format!("loading {}", args.weights.display()))?;
+    let base_sha = crate::engine::classifier::sha256_file(&args.weights)?;
+
+    let bar = indicatif::ProgressBar::new(params.epochs as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "epoch {msg} [{bar:30}] {pos}/{len} steps, {per_sec}, eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    // The table goes to stdout even when the bar is hidden (stderr not a terminal).
+    println!(
+        "{:>5}  {:>10}  {:>9}  {:>10}  {:>9}",
+        "epoch", "train_loss", "train_acc", "valid_loss", "valid_acc"
+    );
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let options = train::fit::FitOptions {
+        device,
+        ..train::fit::FitOptions::default()
+    };
+    let trained = train::fit::fit_with(
+        &network,
+        args.base_model,
+        &data,
+        &params,
+        &options,
+        &mut |event| match event {
+            Event::Progress(p) => {
+                bar.set_length((p.steps * p.epochs) as u64);
+                bar.set_position(((p.epoch - 1) * p.steps + p.step) as u64);
+                bar.set_message(format!("{}/{}", p.epoch, p.epochs));
+            }
+            Event::Epoch(m) => bar.suspend(|| {
+                println!(
+                    "{:>5}  {:>10.4}  {:>9.4}  {:>10.4}  {:>9.4}",
+                    m.epoch, m.train_loss, m.train_acc, m.valid_loss, m.valid_acc
+                )
+            }),
+        },
+        &cancel,
+    )?;
+    bar.finish_and_clear();
+
+    let e = &trained.evaluation;
+    println!(
+        "best epoch {} (lowest validation loss); on the {} split: loss {:.4}, accuracy {:.4}",
+        trained.best_epoch, e.split, e.test_loss, e.test_acc
+    );
+    println!("confusion matrix (rows: true class, columns: predicted):");
+    for (class, row) in data.classes.iter().zip(&e.confusion_matrix) {
+        println!("  {class:>16} {row:?}");
+    }
+    for c in &e.per_class {
+        println!(
+            "  {:>16}: accuracy {:.4} of {}",
+            c.class, c.accuracy, c.support
+        );
+    }
+    std::fs::create_dir_all(&args.weights_dir)?;
+    let saved = train::output::save(
+        &trained,
+        &name,
+        &weights::pth::model_name_from_file(&args.weights),
+        &base_sha,
+        &params,
+        &args.weights_dir,
+    )?;
+    println!(
+        "wrote {} and {}",
+        saved.weights.display(),
+        saved.metadata.display()
+    );
+    let same_dir = |a: &std::path::Path, b: &std::path::Path| {
+        a.canonicalize()
+            .ok()
+            .zip(b.canonicalize().ok())
+            .is_some_and(|(a, b)| a == b)
+    };
+    let weights_parent = args
+        .weights
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !same_dir(weights_parent, &args.weights_dir) {
+        println!(
+            "note: the server finds a head's base model by its sha256 in the weights dir: keep {} in {} to serve `{name}`",
+            args.weights.display(),
+            args.weights_dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Prints predictions for each image; an unreadable image is reported and skipped, and makes the

@@ -12,6 +12,8 @@
 //!   transforms would make (PIL-exact antialiased bilinear resize).
 //! - [`engine`]: the model registry and one batching worker thread per model; `predict` is async,
 //!   the forward passes never run on the async runtime.
+//! - [`train`]: fine-tuning a new head on a frozen network: data sets, augmentation, the loop,
+//!   evaluation, and the files a fine-tuned model is saved as.
 //! - [`server`]: HTTP (axum) over the engine; the one place that knows status codes and JSON shapes.
 //! - [`metrics`]: the Prometheus registry the engine and the server write to.
 //! - [`atomic`]: crash-safe file writes, used for every model and state file we write.
@@ -24,4 +26,5 @@ pub mod metrics;
 pub mod models;
 pub mod preprocess;
 pub mod server;
+pub mod train;
 pub mod weights;

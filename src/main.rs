@@ -9,6 +9,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Forward(args)) => cli::forward(&args),
         Some(Command::Predict(args)) => cli::predict(&args),
+        Some(Command::Finetune(args)) => cli::finetune(&args),
     }
 }
 
