@@ -78,6 +78,15 @@ pub struct ServeArgs {
     /// Where missing torchvision weights are downloaded from.
     #[arg(long, default_value = weights::fetch::TORCHVISION_URL, env = "CNNSERVE_WEIGHTS_URL")]
     pub weights_url: String,
+    /// Largest data set zip accepted by POST /finetune (streamed to disk as it arrives).
+    #[arg(long, default_value = "1GiB", env = "CNNSERVE_MAX_DATASET_BYTES", value_parser = parse_size)]
+    pub max_dataset_bytes: u64,
+    /// Fine-tuning jobs that train at the same time; later ones wait in the queue.
+    #[arg(long, default_value_t = 1, env = "CNNSERVE_MAX_CONCURRENT_JOBS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_jobs: u32,
+    /// Threads one training may use (default: half the cores), so /predict stays responsive.
+    #[arg(long, env = "CNNSERVE_TRAINING_THREADS")]
+    pub training_threads: Option<usize>,
 }
 
 /// `20MB`, `1GiB`, `512k`, `1000`: decimal and binary units, bytes when bare.
@@ -467,15 +476,34 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             weights_dir: dir.clone(),
             payload_limit: usize::try_from(args.payload_limit).unwrap_or(usize::MAX),
             device_name: args.device.clone(),
+            max_dataset_bytes: args.max_dataset_bytes,
         },
         Some(args.default_model.clone()),
     );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let jobs = crate::jobs::JobManager::open(
+        crate::jobs::JobConfig {
+            dir: dir.clone(),
+            max_concurrent_jobs: args.max_concurrent_jobs as usize,
+            training_threads: args.training_threads.unwrap_or(cores / 2).max(1),
+            dataset_limits: crate::train::DatasetLimits {
+                max_pixels: args.max_pixels,
+                // A zip compresses photos little; more than 4x its size unpacked is a bomb.
+                max_total_bytes: args.max_dataset_bytes.saturating_mul(4),
+                ..crate::train::DatasetLimits::default()
+            },
+        },
+        engine.clone(),
+    )
+    .with_context(|| format!("cannot open the job store in {}", dir.display()))?;
+    let state = state.with_jobs(jobs.clone());
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     tracing::info!(addr = %listener.local_addr()?, weights_dir = %dir.display(), "listening");
 
     let url = args.weights_url.clone();
+    let starter = jobs.clone();
     tokio::task::spawn_blocking(move || {
         if let Some(arch) = to_fetch {
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -487,8 +515,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if report.loaded.is_empty() && report.unchanged.is_empty() {
             tracing::error!("no model could be loaded: see the warnings above");
         }
+        // Queued jobs (from before a restart, too) need their base models: start after loading.
+        if let Err(e) = starter.start() {
+            tracing::error!(error = %e, "cannot start the training threads");
+        }
     });
-    server::serve(listener, state, server::shutdown_signal()).await?;
+    let stopper = jobs.clone();
+    let shutdown = async move {
+        server::shutdown_signal().await;
+        stopper.shutdown();
+    };
+    server::serve(listener, state, shutdown).await?;
+    let idle =
+        tokio::task::spawn_blocking(move || jobs.wait_idle(std::time::Duration::from_secs(30)));
+    if !idle.await.unwrap_or(false) {
+        tracing::warn!("a training job did not stop in time");
+    }
     Ok(())
 }
 

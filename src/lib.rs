@@ -14,6 +14,8 @@
 //!   the forward passes never run on the async runtime.
 //! - [`train`]: fine-tuning a new head on a frozen network: data sets, augmentation, the loop,
 //!   evaluation, and the files a fine-tuned model is saved as.
+//! - [`jobs`]: fine-tuning jobs: a queue, training threads in their own small thread pool, a
+//!   SQLite store that survives restarts, events for live progress.
 //! - [`server`]: HTTP (axum) over the engine; the one place that knows status codes and JSON shapes.
 //! - [`metrics`]: the Prometheus registry the engine and the server write to.
 //! - [`atomic`]: crash-safe file writes, used for every model and state file we write.
@@ -22,6 +24,7 @@
 pub mod atomic;
 pub mod cli;
 pub mod engine;
+pub mod jobs;
 pub mod metrics;
 pub mod models;
 pub mod preprocess;

@@ -43,6 +43,7 @@ fn app_with(config: EngineConfig, payload_limit: usize) -> App {
             weights_dir: dir.path().to_path_buf(),
             payload_limit,
             device_name: "cpu".into(),
+            max_dataset_bytes: 1 << 30,
         },
         Some("googlenet".into()),
     );
@@ -350,6 +351,7 @@ async fn health_is_503_until_a_model_is_loaded() {
             weights_dir: dir.path().to_path_buf(),
             payload_limit: 1 << 20,
             device_name: "cpu".into(),
+            max_dataset_bytes: 1 << 30,
         },
         Some("googlenet".into()),
     );

@@ -249,11 +249,14 @@ async fn serve_downloads_a_missing_default_model_and_refuses_a_corrupt_one() {
     .unwrap();
     assert!(logs.contains("downloading weights"), "{logs}");
     assert!(logs.contains("does not start with 1378be20"), "{logs}");
-    assert_eq!(
-        std::fs::read_dir(dir.path()).unwrap().count(),
-        0,
-        "no file kept"
-    );
+    // Only the job store is there: no weights, no temporary file.
+    let mut kept: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("jobs"))
+        .collect();
+    kept.sort();
+    assert!(kept.is_empty(), "no file kept: {kept:?}");
 }
 
 fn wait_until_healthy_once(addr: &str) -> u16 {
@@ -262,4 +265,30 @@ fn wait_until_healthy_once(addr: &str) -> u16 {
         Err(ureq::Error::StatusCode(code)) => code,
         Err(e) => panic!("{e}"),
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn asking_for_cuda_in_a_cpu_build_says_how_to_get_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cnnserve()
+        .args([
+            "--device",
+            "cuda:0",
+            "--offline",
+            "--addr",
+            "127.0.0.1:0",
+            "--weights-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--features cuda") && stderr.contains("--device cpu"),
+        "{stderr}"
+    );
+    let bad = cnnserve().args(["--device", "tpu"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown device"));
 }

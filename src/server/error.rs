@@ -6,7 +6,9 @@ use axum::Json;
 use serde::Serialize;
 
 use crate::engine::EngineError;
+use crate::jobs::JobError;
 use crate::preprocess::ImageError;
+use crate::train::{DatasetError, TrainError};
 
 /// An error answer: `{"error": "...", "error_type": "..."}` with its status.
 #[derive(Debug)]
@@ -14,12 +16,16 @@ pub struct ApiError {
     pub status: StatusCode,
     pub error_type: &'static str,
     pub message: String,
+    /// Structured detail for the client, e.g. every problem of a data set.
+    pub details: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
 struct Body<'a> {
     error: &'a str,
     error_type: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<&'a serde_json::Value>,
 }
 
 impl ApiError {
@@ -28,7 +34,21 @@ impl ApiError {
             status,
             error_type,
             message: message.into(),
+            details: None,
         }
+    }
+
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    pub fn unprocessable(error_type: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, error_type, message)
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -94,6 +114,46 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        let message = e.to_string();
+        match e {
+            JobError::NotFound(_) => Self::not_found(message),
+            JobError::Conflict(_) => Self::conflict(message),
+            JobError::Store(_) | JobError::Io(_) => Self::internal(message),
+        }
+    }
+}
+
+impl From<DatasetError> for ApiError {
+    fn from(e: DatasetError) -> Self {
+        let message = e.to_string();
+        match e {
+            DatasetError::NotAZip(_) | DatasetError::Unsafe { .. } => Self::bad_request(message),
+            DatasetError::TooLarge(_) => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+            }
+            DatasetError::Invalid(problems) => Self::unprocessable("invalid_dataset", message)
+                .with_details(serde_json::json!({ "problems": problems })),
+            DatasetError::Io { .. } => Self::internal(message),
+        }
+    }
+}
+
+impl From<TrainError> for ApiError {
+    fn from(e: TrainError) -> Self {
+        let message = e.to_string();
+        match e {
+            TrainError::InvalidParams(problems) => {
+                Self::bad_request(message).with_details(serde_json::json!({ "problems": problems }))
+            }
+            TrainError::Unsupported { .. } => Self::unprocessable("unsupported", message),
+            TrainError::Dataset(d) => d.into(),
+            _ => Self::internal(message),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
@@ -102,12 +162,14 @@ impl IntoResponse for ApiError {
             let body = Body {
                 error: "internal server error; see the server log",
                 error_type: self.error_type,
+                details: None,
             };
             return (self.status, Json(body)).into_response();
         }
         let body = Body {
             error: &self.message,
             error_type: self.error_type,
+            details: self.details.as_ref(),
         };
         (self.status, Json(body)).into_response()
     }

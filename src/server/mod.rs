@@ -2,6 +2,7 @@
 
 pub mod error;
 mod health;
+mod jobs;
 mod models;
 mod predict;
 
@@ -17,6 +18,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::engine::Engine;
+use crate::jobs::JobManager;
 use error::ApiError;
 
 /// Settings the HTTP layer needs beyond the engine's.
@@ -27,12 +29,16 @@ pub struct ServerConfig {
     pub payload_limit: usize,
     /// Shown by `/info`.
     pub device_name: String,
+    /// Largest data set upload for `/finetune`, in bytes.
+    pub max_dataset_bytes: u64,
 }
 
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
     pub config: Arc<ServerConfig>,
+    /// Fine-tuning; the job endpoints answer 503 without it.
+    pub jobs: Option<JobManager>,
     default_model: Arc<RwLock<Option<String>>>,
 }
 
@@ -41,8 +47,14 @@ impl AppState {
         Self {
             engine,
             config: Arc::new(config),
+            jobs: None,
             default_model: Arc::new(RwLock::new(default_model)),
         }
+    }
+
+    pub fn with_jobs(mut self, jobs: JobManager) -> Self {
+        self.jobs = Some(jobs);
+        self
     }
 
     /// The configured default when it is loaded, else the first model loaded.
@@ -63,7 +75,16 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: AppState) -> Router {
     let limit = DefaultBodyLimit::max(state.config.payload_limit);
+    // Multipart framing on top of the zip itself; the zip's own size is checked as it streams.
+    let upload_limit = usize::try_from(state.config.max_dataset_bytes.saturating_add(1 << 20))
+        .unwrap_or(usize::MAX);
     Router::new()
+        .route("/finetune", post(jobs::submit).layer(DefaultBodyLimit::max(upload_limit)))
+        .route("/jobs", get(jobs::list))
+        .route("/jobs/{id}", get(jobs::get).delete(jobs::delete))
+        .route("/jobs/{id}/events", get(jobs::events))
+        .route("/jobs/{id}/examples/{n}", get(jobs::example))
+        .route("/models/{name}/download", get(jobs::download))
         .route("/predict", post(predict::predict).layer(limit))
         .route("/models", get(models::list))
         .route("/models/reload", post(models::reload))

@@ -1,0 +1,616 @@
+//! Fine-tuning over HTTP: a job from upload to served model, its errors, cancellation, live
+//! events, and what a restart keeps.
+
+mod common;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use image::{Rgb, RgbImage};
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use tower::ServiceExt;
+
+use cnnserve::engine::{Engine, EngineConfig};
+use cnnserve::jobs::{JobConfig, JobManager};
+use cnnserve::metrics::Metrics;
+use cnnserve::server::{self, AppState, ServerConfig};
+use cnnserve::train::DatasetLimits;
+
+struct App {
+    router: Router,
+    jobs: JobManager,
+    engine: Engine,
+}
+
+fn weights_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        common::fixtures().join("googlenet/weights.safetensors"),
+        dir.path().join("googlenet.safetensors"),
+    )
+    .unwrap();
+    dir
+}
+
+/// A server over `dir`, as `cnnserve serve` builds it; `start` runs the training threads.
+fn app(dir: &std::path::Path, max_dataset_bytes: u64, start: bool) -> App {
+    let engine = Engine::new(EngineConfig::default(), Arc::new(Metrics::new()));
+    let report = engine.reload(dir);
+    assert!(report.failed.is_empty(), "{report:?}");
+    let jobs = JobManager::open(
+        JobConfig {
+            dir: dir.to_path_buf(),
+            max_concurrent_jobs: 1,
+            training_threads: 1,
+            dataset_limits: DatasetLimits::default(),
+        },
+        engine.clone(),
+    )
+    .unwrap();
+    if start {
+        jobs.start().unwrap();
+    }
+    let state = AppState::new(
+        engine.clone(),
+        ServerConfig {
+            weights_dir: dir.to_path_buf(),
+            payload_limit: 1 << 24,
+            device_name: "cpu".into(),
+            max_dataset_bytes,
+        },
+        Some("googlenet".into()),
+    )
+    .with_jobs(jobs.clone());
+    App {
+        router: server::router(state),
+        jobs,
+        engine,
+    }
+}
+
+fn picture(class: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let img = RgbImage::from_fn(96, 80, |x, y| {
+        let noise: i32 = rng.random_range(-30..30);
+        let v = |base: i32| (base + noise).clamp(0, 255) as u8;
+        if class == 0 {
+            Rgb([v(if (x / 8) % 2 == 0 { 220 } else { 120 }), v(90), v(40)])
+        } else {
+            let d = ((x as i32 - 48).pow(2) + (y as i32 - 40).pow(2)) as f32;
+            Rgb([v(30), v(60), v(if d.sqrt() < 25.0 { 230 } else { 60 })])
+        }
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// `train/{stripes,blobs}/*.png` (`per_class` each) and 2 test pictures per class, plus junk.
+fn dataset_zip(per_class: usize) -> Vec<u8> {
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default();
+    for (c, class) in ["stripes", "blobs"].iter().enumerate() {
+        for i in 0..per_class {
+            zip.start_file(format!("shapes/train/{class}/{i}.png"), options)
+                .unwrap();
+            zip.write_all(&picture(c, (i * 2 + c) as u64)).unwrap();
+        }
+        for i in 0..2 {
+            zip.start_file(format!("shapes/test/{class}/t{i}.png"), options)
+                .unwrap();
+            zip.write_all(&picture(c, 1000 + (i * 2 + c) as u64))
+                .unwrap();
+        }
+    }
+    zip.start_file("__MACOSX/shapes/._junk", options).unwrap();
+    zip.write_all(b"resource fork").unwrap();
+    zip.start_file("shapes/train/stripes/broken.png", options)
+        .unwrap();
+    zip.write_all(&picture(0, 5)[..100]).unwrap();
+    zip.finish().unwrap().into_inner()
+}
+
+const BOUNDARY: &str = "cnnserve-jobs-boundary";
+
+/// Form fields, the zip (if any), and a word the error must contain.
+type Case<'a> = (Vec<(&'a str, &'a str)>, Option<&'a [u8]>, &'a str);
+
+fn finetune(fields: &[(&str, &str)], dataset: Option<&[u8]>) -> Request<Body> {
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                .as_bytes(),
+        );
+    }
+    if let Some(bytes) = dataset {
+        body.extend_from_slice(
+            format!(
+                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"dataset\"; filename=\"d.zip\"\r\n\
+                 Content-Type: application/zip\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    Request::post("/finetune")
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(Body::from(body))
+        .unwrap()
+}
+
+async fn send(
+    router: &Router,
+    request: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let response = router.clone().oneshot(request).await.unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, headers, json)
+}
+
+async fn get(router: &Router, uri: &str) -> (StatusCode, Value) {
+    let (s, _, j) = send(router, Request::get(uri).body(Body::empty()).unwrap()).await;
+    (s, j)
+}
+
+async fn delete(router: &Router, uri: &str) -> (StatusCode, Value) {
+    let (s, _, j) = send(router, Request::delete(uri).body(Body::empty()).unwrap()).await;
+    (s, j)
+}
+
+async fn wait_for(router: &Router, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let (_, job) = get(router, &format!("/jobs/{id}")).await;
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job never got there: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn finished(job: &Value) -> bool {
+    matches!(
+        job["status"].as_str(),
+        Some("succeeded" | "failed" | "cancelled")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_runs_from_upload_to_a_served_model_with_live_events() {
+    let dir = weights_dir();
+    let app = app(dir.path(), 1 << 30, true);
+    let zip = dataset_zip(5);
+    let fields = [
+        ("base_model", "googlenet"),
+        ("name", "shapes"),
+        ("epochs", "3"),
+        ("batch_size", "4"),
+        ("augment", "false"),
+        ("learning_rate", "0.001"),
+        ("seed", "3"),
+    ];
+    let (status, headers, body) = send(&app.router, finetune(&fields, Some(&zip))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["job_id"].as_str().unwrap().to_string();
+    assert_eq!(body["status"], "queued");
+    assert_eq!(headers["location"], format!("/jobs/{id}"));
+
+    // The event stream, read to its end.
+    let response = app
+        .router
+        .clone()
+        .oneshot(
+            Request::get(format!("/jobs/{id}/events"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+    let mut text = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(240), async {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                text.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the stream did not end: {text}");
+    assert!(text.contains("event: progress"), "{text}");
+    assert_eq!(text.matches("event: epoch").count(), 3, "{text}");
+    let done = text
+        .split("event: done\ndata: ")
+        .nth(1)
+        .expect("a done event");
+    let done: Value = serde_json::from_str(done.lines().next().unwrap()).unwrap();
+    assert_eq!(done["status"], "succeeded", "{done}");
+
+    let (status, job) = get(&app.router, &format!("/jobs/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(job, done);
+    for field in ["created_at", "started_at", "finished_at"] {
+        assert!(job[field].as_str().is_some(), "{field}: {job}");
+    }
+    assert_eq!(job["params"]["epochs"], 3);
+    assert_eq!(job["params"]["augment"], false);
+    assert_eq!(
+        job["dataset"]["classes"],
+        serde_json::json!(["blobs", "stripes"])
+    );
+    assert_eq!(job["dataset"]["counts"]["train"], serde_json::json!([4, 4]));
+    assert_eq!(job["dataset"]["counts"]["valid"], serde_json::json!([1, 1]));
+    assert_eq!(job["dataset"]["counts"]["test"], serde_json::json!([2, 2]));
+    assert!(
+        job["dataset"]["skipped"][0]["file"]
+            .as_str()
+            .unwrap()
+            .contains("broken.png"),
+        "{job}"
+    );
+    assert!(job["dataset"]["ignored"].as_u64().unwrap() >= 1);
+    let progress = &job["progress"];
+    assert_eq!(
+        (progress["epoch"].as_u64(), progress["epochs"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert_eq!(progress["step"], progress["steps"]);
+    assert!(progress["images_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(job["history"].as_array().unwrap().len(), 3);
+    for key in ["train_loss", "train_acc", "valid_loss", "valid_acc"] {
+        assert!(job["history"][0][key].is_number(), "{key}");
+    }
+    let result = &job["result"];
+    assert_eq!(result["model"], "shapes");
+    assert!((1..=3).contains(&result["best_epoch"].as_u64().unwrap()));
+    assert_eq!(result["test_split"], "test");
+    assert!(result["test_loss"].is_number() && result["test_acc"].is_number());
+    let matrix = result["confusion_matrix"].as_array().unwrap();
+    let total: u64 = matrix
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 4);
+    assert_eq!(result["per_class"][0]["support"], 2);
+    let examples = result["examples"].as_array().unwrap();
+    assert!(!examples.is_empty());
+    assert!(job["error"].is_null());
+
+    // The gallery picture of example 0.
+    let response = app
+        .router
+        .clone()
+        .oneshot(
+            Request::get(format!("/jobs/{id}/examples/0"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "image/png");
+    let png = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(image::load_from_memory(&png).unwrap().width(), 128);
+    let (s, _) = get(
+        &app.router,
+        &format!("/jobs/{id}/examples/{}", examples.len()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // The new model answers at once, with the data set's classes.
+    let request = Request::post("/predict?model=shapes&top_k=0")
+        .header("content-type", "image/png")
+        .body(Body::from(picture(0, 77)))
+        .unwrap();
+    let (s, _, prediction) = send(&app.router, request).await;
+    assert_eq!(s, StatusCode::OK, "{prediction}");
+    let labels: Vec<&str> = prediction["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels.len(), 2);
+    assert!(labels.contains(&"stripes") && labels.contains(&"blobs"));
+
+    let (s, listing) = get(&app.router, "/jobs").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(listing["jobs"][0]["job_id"], id.as_str());
+
+    let response = app
+        .router
+        .clone()
+        .oneshot(
+            Request::get("/models/shapes/download")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    assert_eq!(names, ["fc.bias", "fc.weight"]);
+    let (s, meta) = get(&app.router, "/models/shapes/download?format=json").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(meta["classes"], serde_json::json!(["blobs", "stripes"]));
+    assert_eq!(meta["base_model"], "googlenet");
+    let (s, _) = get(&app.router, "/models/googlenet/download").await;
+    assert_eq!(s, StatusCode::CONFLICT);
+
+    let (_, metrics) = get(&app.router, "/metrics").await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains(r#"cnnserve_jobs{status="succeeded"} 1"#),
+        "{metrics}"
+    );
+    // A finished job's stream answers `done` at once.
+    let (_, _, replay) = send(
+        &app.router,
+        Request::get(format!("/jobs/{id}/events"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        replay.as_str().unwrap().starts_with("event: done"),
+        "{replay}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_400_and_dataset_problems_422_all_at_once() {
+    let dir = weights_dir();
+    let app = app(dir.path(), 200_000, false);
+    let zip = dataset_zip(3);
+    let r = &app.router;
+    let g = ("base_model", "googlenet");
+    let cases: Vec<Case> = vec![
+        (vec![g], Some(b"this is no zip".as_slice()), "not a zip"),
+        (vec![g, ("epochs", "many")], Some(&zip), "epochs"),
+        (vec![g, ("augment", "maybe")], Some(&zip), "augment"),
+        (vec![g, ("train_layers", "all")], Some(&zip), "train_layers"),
+        (vec![g, ("valid_ratio", "1.5")], Some(&zip), "valid_ratio"),
+        (vec![g, ("epoch", "3")], Some(&zip), "unknown field"),
+        (vec![("base_model", "resnet50")], Some(&zip), "resnet50"),
+        (vec![g, ("name", "../evil")], Some(&zip), "model name"),
+        (vec![g], None, "no `dataset`"),
+    ];
+    for (fields, dataset, needle) in cases {
+        let (s, _, j) = send(r, finetune(&fields, dataset)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{needle}: {j}");
+        assert_eq!(j["error_type"], "bad_request");
+        assert!(
+            j["error"].as_str().unwrap().contains(needle),
+            "{needle}: {j}"
+        );
+    }
+    let (s, _, j) = send(
+        r,
+        Request::post("/finetune")
+            .header("content-type", "application/zip")
+            .body(Body::from(zip.clone()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{j}");
+
+    // One class, and that class with a single image: both problems in one answer.
+    let mut single = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    single
+        .start_file("only/one.png", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    single.write_all(&picture(0, 1)).unwrap();
+    let single = single.finish().unwrap().into_inner();
+    let (s, _, j) = send(r, finetune(&[("base_model", "googlenet")], Some(&single))).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{j}");
+    assert_eq!(j["error_type"], "invalid_dataset");
+    assert_eq!(j["details"]["problems"].as_array().unwrap().len(), 2, "{j}");
+
+    let (s, _, j) = send(
+        r,
+        finetune(
+            &[("base_model", "googlenet"), ("train_layers", "classifier")],
+            Some(&zip),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{j}");
+    let (s, _, j) = send(
+        r,
+        finetune(
+            &[("base_model", "googlenet"), ("name", "googlenet")],
+            Some(&zip),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{j}");
+    let big = vec![7u8; 300_000];
+    let (s, _, j) = send(r, finetune(&[("base_model", "googlenet")], Some(&big))).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{j}");
+
+    // Nothing was queued, and no upload was kept.
+    let (_, listing) = get(r, "/jobs").await;
+    assert_eq!(listing["jobs"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("jobs")).unwrap().count(),
+        0
+    );
+    let (s, _) = get(r, "/jobs/nope").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_and_running_jobs_can_be_cancelled_and_finished_ones_purged() {
+    let dir = weights_dir();
+    let app = app(dir.path(), 1 << 30, true);
+    let zip = dataset_zip(4);
+    let slow = [
+        ("base_model", "googlenet"),
+        ("epochs", "500"),
+        ("batch_size", "2"),
+        ("augment", "true"),
+    ];
+    let (_, _, a) = send(&app.router, finetune(&slow, Some(&zip))).await;
+    let (_, _, b) = send(&app.router, finetune(&slow, Some(&zip))).await;
+    let (a, b) = (
+        a["job_id"].as_str().unwrap().to_string(),
+        b["job_id"].as_str().unwrap().to_string(),
+    );
+    wait_for(&app.router, &a, |j| {
+        j["status"] == "running" && !j["progress"].is_null()
+    })
+    .await;
+
+    let (s, job) = delete(&app.router, &format!("/jobs/{b}")).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+    let (_, job) = get(&app.router, &format!("/jobs/{b}")).await;
+    assert_eq!(
+        job["status"], "cancelled",
+        "a queued job is cancelled at once"
+    );
+
+    let (s, _) = delete(&app.router, &format!("/jobs/{a}?purge=true")).await;
+    assert_eq!(s, StatusCode::CONFLICT, "a running job is not purged");
+    let (s, _) = delete(&app.router, &format!("/jobs/{a}")).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let job = wait_for(&app.router, &a, finished).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert!(job["result"].is_null());
+    let (s, j) = delete(&app.router, &format!("/jobs/{a}")).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{j}");
+
+    let (s, _) = delete(&app.router, &format!("/jobs/{a}?purge=true")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = get(&app.router, &format!("/jobs/{a}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(
+        !dir.path().join("jobs").join(&a).exists(),
+        "uploaded data removed"
+    );
+    assert!(
+        dir.path().join("jobs").join(&b).exists(),
+        "other jobs untouched"
+    );
+    assert!(app.engine.get("googlenet").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_keeps_finished_jobs_runs_queued_ones_and_fails_interrupted_ones() {
+    let dir = weights_dir();
+    let zip = dataset_zip(4);
+    let quick = [
+        ("base_model", "googlenet"),
+        ("epochs", "2"),
+        ("batch_size", "4"),
+        ("augment", "false"),
+    ];
+
+    // First life: one job succeeds; another is cut off by a shutdown while it runs.
+    let first = app(dir.path(), 1 << 30, true);
+    let (_, _, done) = send(
+        &first.router,
+        finetune(
+            &[quick.as_slice(), &[("name", "kept")]].concat(),
+            Some(&zip),
+        ),
+    )
+    .await;
+    let done = done["job_id"].as_str().unwrap().to_string();
+    wait_for(&first.router, &done, finished).await;
+    let slow = [
+        ("base_model", "googlenet"),
+        ("epochs", "500"),
+        ("batch_size", "2"),
+        ("augment", "true"),
+    ];
+    let (_, _, cut) = send(&first.router, finetune(&slow, Some(&zip))).await;
+    let cut = cut["job_id"].as_str().unwrap().to_string();
+    wait_for(&first.router, &cut, |j| j["status"] == "running").await;
+    first.jobs.shutdown();
+    assert!(first.jobs.wait_idle(Duration::from_secs(60)));
+    let (_, job) = get(&first.router, &format!("/jobs/{cut}")).await;
+    assert_eq!(job["status"], "failed");
+    assert!(
+        job["error"].as_str().unwrap().contains("shut down"),
+        "{job}"
+    );
+
+    // Second life, no training threads: a job is queued, then the process "crashes" while a
+    // job runs (its row still says running) and leaves a temporary file behind.
+    let second = app(dir.path(), 1 << 30, false);
+    let (_, _, queued) = send(
+        &second.router,
+        finetune(
+            &[quick.as_slice(), &[("name", "later")]].concat(),
+            Some(&zip),
+        ),
+    )
+    .await;
+    let queued = queued["job_id"].as_str().unwrap().to_string();
+    let store = cnnserve::jobs::store::Store::open(&dir.path().join("jobs.sqlite")).unwrap();
+    let mut crashed = store.get(&done).unwrap().unwrap();
+    crashed.job_id = "crashed00001".into();
+    crashed.status = cnnserve::jobs::Status::Running;
+    crashed.finished_at = None;
+    crashed.result = None;
+    store.put(&crashed).unwrap();
+    std::fs::write(dir.path().join(".crashed.safetensors.tmp-1-0"), b"half").unwrap();
+    drop(second);
+
+    // Third life.
+    let third = app(dir.path(), 1 << 30, true);
+    assert!(
+        third.engine.get("kept").is_some(),
+        "the fine-tuned model is served after a restart"
+    );
+    let (_, job) = get(&third.router, &format!("/jobs/{done}")).await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["result"]["model"], "kept");
+    let (_, job) = get(&third.router, "/jobs/crashed00001").await;
+    assert_eq!(job["status"], "failed");
+    assert!(
+        job["error"].as_str().unwrap().contains("interrupted"),
+        "{job}"
+    );
+    assert!(
+        !dir.path().join(".crashed.safetensors.tmp-1-0").exists(),
+        "no half-written file"
+    );
+    let job = wait_for(&third.router, &queued, finished).await;
+    assert_eq!(job["status"], "succeeded", "the queued job ran: {job}");
+    assert!(third.engine.get("later").is_some());
+    let (_, listing) = get(&third.router, "/jobs").await;
+    let ids: Vec<&str> = listing["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert_eq!(ids[0], queued.as_str(), "newest first");
+}
