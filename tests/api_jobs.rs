@@ -281,7 +281,7 @@ async fn a_job_runs_from_upload_to_a_served_model_with_live_events() {
     let result = &job["result"];
     assert_eq!(result["model"], "shapes");
     assert!((1..=3).contains(&result["best_epoch"].as_u64().unwrap()));
-    assert_eq!(result["test_split"], "test");
+    assert_eq!(result["split"], "test");
     assert!(result["test_loss"].is_number() && result["test_acc"].is_number());
     let matrix = result["confusion_matrix"].as_array().unwrap();
     let total: u64 = matrix

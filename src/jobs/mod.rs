@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 use crate::engine::{Classifier, Engine, ModelKind};
 use crate::metrics::{JobLabels, Metrics};
 use crate::train::dataset::Skipped;
-use crate::train::fit::{ClassMetrics, EpochMetrics, Example, Progress};
+use crate::train::fit::{EpochMetrics, Evaluation, Example, Progress};
 use crate::train::{self, Dataset, DatasetLimits, Event, Params, TrainError};
 use store::{Store, StoreError};
 
@@ -79,15 +79,11 @@ pub struct DatasetSummary {
 pub struct JobResult {
     pub model: String,
     pub best_epoch: usize,
-    /// `test`, or `validation` when the data set has no test split.
-    pub test_split: String,
-    pub test_loss: f64,
-    pub test_acc: f64,
-    pub confusion_matrix: Vec<Vec<usize>>,
-    pub per_class: Vec<ClassMetrics>,
-    /// The most confident correct predictions, then the most confident wrong ones; picture `n`
-    /// is at `GET /jobs/{id}/examples/{n}`.
-    pub examples: Vec<Example>,
+    /// `split` (`test`, or `validation` without a test split), `test_loss`, `test_acc`,
+    /// `confusion_matrix`, `per_class` and `examples`; example picture `n` is at
+    /// `GET /jobs/{id}/examples/{n}`.
+    #[serde(flatten)]
+    pub evaluation: Evaluation,
 }
 
 /// Everything there is to know about a job; this is also its JSON.
@@ -413,6 +409,8 @@ impl JobManager {
 
     /// The thumbnail of example `n` of a succeeded job.
     pub fn example_path(&self, id: &str, n: usize) -> Option<PathBuf> {
+        // Only ids we issued become paths: a crafted one (`..`) must not reach other folders.
+        self.get(id)?;
         let path = self.job_dir(id).join("examples").join(format!("{n}.png"));
         path.is_file().then_some(path)
     }
@@ -643,19 +641,15 @@ impl JobManager {
             &self.shared.engine.config().device,
         )?;
         self.shared.engine.insert(classifier);
-        let e = trained.evaluation;
-        if let Err(err) = write_thumbnails(&self.job_dir(&id), &e.examples, &dataset) {
+        if let Err(err) =
+            write_thumbnails(&self.job_dir(&id), &trained.evaluation.examples, &dataset)
+        {
             tracing::warn!(job = %id, error = %err, "could not write example thumbnails");
         }
         Ok(JobResult {
             model: job.name.clone(),
             best_epoch: trained.best_epoch,
-            test_split: e.split,
-            test_loss: e.test_loss,
-            test_acc: e.test_acc,
-            confusion_matrix: e.confusion_matrix,
-            per_class: e.per_class,
-            examples: e.examples,
+            evaluation: trained.evaluation,
         })
     }
 }
