@@ -5,7 +5,7 @@
 //! Data flows one way; a module only calls the ones below it.
 //!
 //! - [`models`]: the networks, in candle, keyed exactly as torchvision's state_dicts. Knows candle
-//!   and nothing else: no files, no threads, no HTTP.
+//!   (and the gemm/rayon its CPU convolution uses) and nothing else: no files, no async, no HTTP.
 //! - [`weights`]: weight files (safetensors, torch `.pth` in both formats) → checked tensors →
 //!   a built [`models::Network`].
 //! - [`preprocess`]: image bytes → RGB the way PIL decodes them → the tensor torchvision's

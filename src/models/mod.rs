@@ -1,6 +1,7 @@
 //! The classifiers, in candle, keyed exactly as torchvision's state_dicts.
 //!
-//! This layer knows candle and nothing else: it is handed a `VarBuilder` and never opens a file.
+//! This layer knows candle (plus the gemm and rayon its CPU convolution uses) and nothing else:
+//! it is handed a `VarBuilder`, never opens a file, never touches async code or HTTP.
 
 pub mod googlenet;
 pub mod head;

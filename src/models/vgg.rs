@@ -165,7 +165,7 @@ impl Vgg {
         let mut xs = xs.clone();
         for layer in &self.features {
             xs = match layer {
-                Feature::Conv(conv) => conv.forward(&xs)?.relu()?,
+                Feature::Conv(conv) => layers::conv2d_forward(conv, &xs)?.relu()?,
                 Feature::ConvBn(conv) => conv.forward(&xs)?.relu()?,
                 Feature::Pool => xs.max_pool2d(2)?,
             };
