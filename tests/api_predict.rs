@@ -714,3 +714,51 @@ async fn graceful_shutdown_lets_a_request_in_flight_finish() {
         "listener closed"
     );
 }
+
+#[tokio::test]
+async fn the_demo_page_and_its_assets_are_served() {
+    let app = app();
+    let response = app
+        .router
+        .clone()
+        .oneshot(Request::get("/").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let html = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(html.contains(r#"<script src="/static/app.js">"#) && html.contains("predict-form"));
+    for (path, kind, needle) in [
+        ("/static/app.js", "text/javascript", "/predict?"),
+        ("/static/style.css", "text/css", "#predictions"),
+    ] {
+        let response = app
+            .router
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with(kind),
+            "{path}"
+        );
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&text).contains(needle), "{path}");
+    }
+}

@@ -5,6 +5,7 @@ mod health;
 mod jobs;
 mod models;
 mod predict;
+mod static_files;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -79,6 +80,9 @@ pub fn router(state: AppState) -> Router {
     let upload_limit = usize::try_from(state.config.max_dataset_bytes.saturating_add(1 << 20))
         .unwrap_or(usize::MAX);
     Router::new()
+        .route("/", get(static_files::index))
+        .route("/static/app.js", get(static_files::app))
+        .route("/static/style.css", get(static_files::style))
         .route("/finetune", post(jobs::submit).layer(DefaultBodyLimit::max(upload_limit)))
         .route("/jobs", get(jobs::list))
         .route("/jobs/{id}", get(jobs::get).delete(jobs::delete))
