@@ -174,7 +174,7 @@ async function loadJobs() {
   $("jobs").replaceChildren(...jobs.map((job) => {
     const li = document.createElement("li");
     const a = document.createElement("a");
-    a.href = "#job";
+    a.href = `#job=${job.job_id}`;
     a.textContent = `${job.name} (${job.base_model})`;
     a.addEventListener("click", () => watch(job.job_id));
     const badge = document.createElement("span");
@@ -189,6 +189,9 @@ async function start() {
   try {
     await loadModels();
     await loadJobs();
+    // A link to a job (#job=<id>) opens it.
+    const linked = location.hash.match(/^#job=(\w+)$/);
+    if (linked) await watch(linked[1]);
   } catch (e) {
     $("status").textContent = `server unavailable: ${e.message}`;
     setTimeout(start, 2000);

@@ -348,25 +348,12 @@ fn vgg_trains_its_whole_classifier_from_the_pretrained_layers() {
     assert!(moved > 0.0 && moved <= 2e-6, "{moved}");
 }
 
-fn data_dir() -> std::path::PathBuf {
-    let dir = match std::env::var_os("CNNSERVE_DATA") {
-        Some(dir) => std::path::PathBuf::from(dir),
-        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"),
-    };
-    assert!(
-        dir.join("catanddog/train").is_dir(),
-        "the cat/dog data set is not in {}: set CNNSERVE_DATA to the folder holding catanddog/",
-        dir.display()
-    );
-    dir
-}
-
 /// The recipe on the course note's own data, with the fixture GoogLeNet (random weights, so the
 /// accuracy means little; the numbers' shapes and the loss going down do).
 #[test]
 fn the_recipe_runs_on_the_cat_and_dog_data_set() {
     let data = train::dataset::load(
-        &data_dir().join("catanddog"),
+        &common::data_dir().join("catanddog"),
         &train::DatasetLimits::default(),
         (256, 256),
     )

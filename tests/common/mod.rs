@@ -22,6 +22,20 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
+/// `$CNNSERVE_DATA`, else `../shared/data` beside the checkout: the folder holding `catanddog/`.
+pub fn data_dir() -> PathBuf {
+    let dir = match std::env::var_os("CNNSERVE_DATA") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"),
+    };
+    assert!(
+        dir.join("catanddog/train").is_dir(),
+        "the cat/dog data set is not in {}: set CNNSERVE_DATA to the folder holding catanddog/",
+        dir.display()
+    );
+    dir
+}
+
 /// vgg11_bn's weights ship gzipped (531 MB unpacked); unpack once into the target dir, where the
 /// next build finds them, and check the digest the fixtures' README gives.
 pub fn vgg11_bn_weights() -> PathBuf {
