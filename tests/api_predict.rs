@@ -762,3 +762,47 @@ async fn the_demo_page_and_its_assets_are_served() {
         assert!(String::from_utf8_lossy(&text).contains(needle), "{path}");
     }
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_endpoint() {
+    let app = app();
+    let (status, doc) = get(&app.router, "/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/predict", "post"),
+        ("/models/{name}/predict", "post"),
+        ("/models", "get"),
+        ("/models/{name}", "get"),
+        ("/models/{name}", "delete"),
+        ("/models/reload", "post"),
+        ("/models/{name}/download", "get"),
+        ("/finetune", "post"),
+        ("/jobs", "get"),
+        ("/jobs/{id}", "get"),
+        ("/jobs/{id}", "delete"),
+        ("/jobs/{id}/events", "get"),
+        ("/jobs/{id}/examples/{n}", "get"),
+        ("/health", "get"),
+        ("/ping", "get"),
+        ("/info", "get"),
+        ("/metrics", "get"),
+    ] {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} missing"
+        );
+    }
+    let schemas = &doc["components"]["schemas"];
+    let job = &schemas["Job"]["properties"];
+    for field in [
+        "job_id", "status", "params", "dataset", "progress", "history", "result", "error",
+    ] {
+        assert!(job.get(field).is_some(), "Job.{field} missing: {job}");
+    }
+    assert!(schemas["ErrorBody"]["properties"]
+        .get("error_type")
+        .is_some());
+    assert!(schemas["Single"]["properties"].get("predictions").is_some());
+}

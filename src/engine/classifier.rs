@@ -20,7 +20,7 @@ pub fn imagenet_labels() -> Vec<String> {
     IMAGENET_LABELS.lines().map(str::to_string).collect()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
     Pretrained,

@@ -70,7 +70,7 @@ pub enum EngineError {
 }
 
 /// One class of a prediction.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Prediction {
     pub index: usize,
     pub label: String,

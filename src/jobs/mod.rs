@@ -24,7 +24,7 @@ use crate::train::fit::{EpochMetrics, Evaluation, Example, Progress};
 use crate::train::{self, Dataset, DatasetLimits, Event, Params, TrainError};
 use store::{Store, StoreError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Queued,
@@ -59,14 +59,14 @@ impl Status {
 }
 
 /// Images per class (aligned with `classes`) in each split.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Counts {
     pub train: Vec<usize>,
     pub valid: Vec<usize>,
     pub test: Vec<usize>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DatasetSummary {
     pub classes: Vec<String>,
     pub counts: Counts,
@@ -75,7 +75,7 @@ pub struct DatasetSummary {
     pub ignored: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobResult {
     pub model: String,
     pub best_epoch: usize,
@@ -87,7 +87,7 @@ pub struct JobResult {
 }
 
 /// Everything there is to know about a job; this is also its JSON.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
     pub job_id: String,
     pub status: Status,

@@ -20,6 +20,18 @@ pub struct ApiError {
     pub details: Option<serde_json::Value>,
 }
 
+/// The JSON of every error answer (documentation of [`Body`]).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for a person.
+    pub error: String,
+    /// A stable name for the kind of error: `bad_request`, `not_found`, `overloaded`, …
+    pub error_type: String,
+    /// More detail where there is some, e.g. `{"problems": [...]}` for a data set.
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<serde_json::Value>,
+}
+
 #[derive(Serialize)]
 struct Body<'a> {
     error: &'a str,

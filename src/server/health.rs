@@ -9,6 +9,8 @@ use serde_json::json;
 use super::AppState;
 
 /// Readiness: 503 until at least one model can answer.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "`{\"status\": \"ok\", \"models\": [...]}`"), (status = 503, description = "No model loaded yet")))]
 pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let models = state.engine.model_names();
     if models.is_empty() {
@@ -25,10 +27,13 @@ pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Liveness: the process answers.
+#[utoipa::path(get, path = "/ping", tag = "operations", responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
 pub async fn ping() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
+/// Version, device, models and limits.
+#[utoipa::path(get, path = "/info", tag = "operations", responses((status = 200, description = "Server information")))]
 pub async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
     let engine = state.engine.config();
     Json(json!({
@@ -48,6 +53,8 @@ pub async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
+/// Prometheus metrics (OpenMetrics text).
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Metrics", content_type = "application/openmetrics-text")))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::engine::ModelKind;
 use crate::jobs::{JobEvent, JobManager};
@@ -56,6 +56,20 @@ const TEXT_FIELDS: &[&str] = &[
     "seed",
 ];
 
+/// Starts a fine-tuning job from a zipped ImageFolder data set.
+#[utoipa::path(
+    post,
+    path = "/finetune",
+    tag = "jobs",
+    request_body(content_type = "multipart/form-data", description = "`dataset` (zip file) and optional fields base_model, name, epochs, learning_rate, batch_size, valid_ratio, augment, train_layers, seed"),
+    responses(
+        (status = 202, description = "`{\"job_id\", \"status\": \"queued\"}`, with a Location header"),
+        (status = 400, description = "Malformed request, not a zip, bad field values", body = ErrorBody),
+        (status = 409, description = "Name taken", body = ErrorBody),
+        (status = 413, description = "Upload too large", body = ErrorBody),
+        (status = 422, description = "Every data set problem, in details.problems", body = ErrorBody),
+    )
+)]
 pub async fn submit(
     State(state): State<AppState>,
     multipart: Result<Multipart, MultipartRejection>,
@@ -246,11 +260,22 @@ fn parse_params(fields: &HashMap<String, String>) -> Result<Params, ApiError> {
     })
 }
 
-pub async fn list(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let jobs = manager(&state)?;
-    Ok(Json(json!({ "jobs": jobs.list() })))
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct JobList {
+    /// Newest first.
+    pub jobs: Vec<crate::jobs::Job>,
 }
 
+/// Every job, newest first.
+#[utoipa::path(get, path = "/jobs", tag = "jobs", responses((status = 200, body = JobList)))]
+pub async fn list(State(state): State<AppState>) -> Result<Json<JobList>, ApiError> {
+    let jobs = manager(&state)?;
+    Ok(Json(JobList { jobs: jobs.list() }))
+}
+
+/// One job.
+#[utoipa::path(get, path = "/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = crate::jobs::Job), (status = 404, body = ErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -269,6 +294,10 @@ pub struct DeleteQuery {
 }
 
 /// Cancels a queued or running job; with `?purge=true`, forgets a finished one and its upload.
+#[utoipa::path(delete, path = "/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path), ("purge" = Option<bool>, Query, description = "Forget a finished job and delete its upload")),
+    responses((status = 202, description = "Cancelled (or cancelling)", body = crate::jobs::Job), (status = 200, description = "Purged"),
+        (status = 404, body = ErrorBody), (status = 409, description = "Already finished (cancel), or not finished (purge)", body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -290,6 +319,8 @@ pub async fn delete(
 
 /// Server-Sent Events: `progress` after every step, `epoch` after every epoch, and a final
 /// `done` with the job's JSON (at once when the job has finished already).
+#[utoipa::path(get, path = "/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, description = "An event stream", content_type = "text/event-stream"), (status = 404, body = ErrorBody)))]
 pub async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -349,6 +380,9 @@ fn done_event(job: &crate::jobs::Job) -> Event {
         .unwrap_or_else(|_| Event::default().event("done"))
 }
 
+/// The thumbnail of the n-th example of `result.examples`.
+#[utoipa::path(get, path = "/jobs/{id}/examples/{n}", tag = "jobs", params(("id" = String, Path), ("n" = usize, Path)),
+    responses((status = 200, description = "A PNG", content_type = "image/png"), (status = 404, body = ErrorBody)))]
 pub async fn example(
     State(state): State<AppState>,
     Path((id, n)): Path<(String, usize)>,
@@ -367,6 +401,9 @@ pub struct DownloadQuery {
 }
 
 /// A fine-tuned model's head (safetensors), or with `?format=json` its metadata.
+#[utoipa::path(get, path = "/models/{name}/download", tag = "models",
+    params(("name" = String, Path), ("format" = Option<String>, Query, description = "`safetensors` (default) or `json`")),
+    responses((status = 200, description = "The head's safetensors, or its metadata"), (status = 404, body = ErrorBody), (status = 409, description = "A pretrained model", body = ErrorBody)))]
 pub async fn download(
     State(state): State<AppState>,
     Path(name): Path<String>,

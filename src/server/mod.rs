@@ -4,6 +4,7 @@ pub mod error;
 mod health;
 mod jobs;
 mod models;
+pub mod openapi;
 mod predict;
 mod static_files;
 
@@ -98,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ping", get(health::ping))
         .route("/info", get(health::info))
         .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::openapi))
         .fallback(|| async { ApiError::not_found("no such endpoint; see the README for the API") })
         .with_state(state)
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))

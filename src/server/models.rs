@@ -6,17 +6,17 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::engine::{Classifier, ModelKind, ReloadReport};
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ClassView {
     pub index: usize,
     pub label: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ModelView {
     pub name: String,
     pub architecture: String,
@@ -33,7 +33,14 @@ pub struct ModelView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub base_model: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub metrics: Option<serde_json::Value>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelList {
+    pub default_model: Option<String>,
+    pub models: Vec<ModelView>,
 }
 
 impl ModelView {
@@ -64,7 +71,9 @@ impl ModelView {
     }
 }
 
-pub async fn list(State(state): State<AppState>) -> Json<serde_json::Value> {
+/// The loaded models, with the default one.
+#[utoipa::path(get, path = "/models", tag = "models", responses((status = 200, body = ModelList)))]
+pub async fn list(State(state): State<AppState>) -> Json<ModelList> {
     let default = state.default_model();
     let models: Vec<ModelView> = state
         .engine
@@ -72,9 +81,15 @@ pub async fn list(State(state): State<AppState>) -> Json<serde_json::Value> {
         .iter()
         .map(|c| ModelView::new(c, default.as_deref() == Some(&c.name), false))
         .collect();
-    Json(json!({ "default_model": default, "models": models }))
+    Json(ModelList {
+        default_model: default,
+        models,
+    })
 }
 
+/// One model, with its classes.
+#[utoipa::path(get, path = "/models/{name}", tag = "models", params(("name" = String, Path)),
+    responses((status = 200, body = ModelView), (status = 404, body = ErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -87,6 +102,9 @@ pub async fn get(
     Ok(Json(ModelView::new(&classifier, default, true)))
 }
 
+/// Deletes a fine-tuned model and its files.
+#[utoipa::path(delete, path = "/models/{name}", tag = "models", params(("name" = String, Path)),
+    responses((status = 200, description = "`{\"deleted\": name}`"), (status = 404, body = ErrorBody), (status = 409, description = "A pretrained model", body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -98,6 +116,9 @@ pub async fn delete(
     Ok(Json(json!({ "deleted": removed.name })))
 }
 
+/// Rescans the weights dir: loads new and changed files, drops removed ones.
+#[utoipa::path(post, path = "/models/reload", tag = "models",
+    responses((status = 200, description = "`loaded`, `unchanged`, `removed`, `failed`, `skipped`")))]
 pub async fn reload(State(state): State<AppState>) -> Result<Json<ReloadReport>, ApiError> {
     let engine = state.engine.clone();
     let dir = state.config.weights_dir.clone();

@@ -11,12 +11,13 @@ use axum::Json;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::engine::{self, Prediction};
 use crate::metrics::{Metrics, RequestLabels};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PredictQuery {
     /// Model name; the server's default model when absent.
     pub model: Option<String>,
@@ -24,25 +25,44 @@ pub struct PredictQuery {
     pub top_k: Option<usize>,
 }
 
-#[derive(Serialize)]
-struct Predictions {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Predictions {
     predictions: Vec<Prediction>,
 }
 
-#[derive(Serialize)]
-struct Single {
+/// One image's answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Single {
     model: String,
     predictions: Vec<Prediction>,
 }
 
-#[derive(Serialize)]
-struct Several {
+/// The answer to several `image` parts, in their order.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Several {
     model: String,
     results: Vec<Predictions>,
 }
 
 const DEFAULT_TOP_K: usize = 5;
 
+/// Classify the image(s) in the body: raw bytes, or multipart `image` file fields.
+#[utoipa::path(
+    post,
+    path = "/predict",
+    tag = "predict",
+    params(PredictQuery),
+    request_body(content_type = "application/octet-stream", description = "The image bytes (any image/* type), or multipart/form-data with one or more `image` file fields"),
+    responses(
+        (status = 200, description = "Softmax probabilities, most probable first; `results` for several images", body = Single),
+        (status = 400, description = "No image, malformed multipart or query", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, description = "Body over --payload-limit", body = ErrorBody),
+        (status = 415, description = "Not an image, or an undecodable one", body = ErrorBody),
+        (status = 422, description = "Too many pixels", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight", body = ErrorBody),
+    )
+)]
 pub async fn predict(
     State(state): State<AppState>,
     query: Result<Query<PredictQuery>, QueryRejection>,
@@ -56,6 +76,18 @@ pub async fn predict(
     run(state, model, query.top_k, request).await
 }
 
+/// Same as `/predict`, with the model in the path.
+#[utoipa::path(
+    post,
+    path = "/models/{name}/predict",
+    tag = "predict",
+    params(("name" = String, Path, description = "Model name"), ("top_k" = Option<usize>, Query, description = "Classes to return (default 5; 0 = all)")),
+    request_body(content_type = "application/octet-stream", description = "As for /predict"),
+    responses(
+        (status = 200, body = Single),
+        (status = 404, body = ErrorBody),
+    )
+)]
 pub async fn predict_named(
     State(state): State<AppState>,
     Path(name): Path<String>,

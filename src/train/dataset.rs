@@ -33,14 +33,14 @@ pub struct Sample {
 }
 
 /// A file left out, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Skipped {
     pub file: String,
     pub reason: String,
 }
 
 /// A rule the data set breaks, with the file or folder it concerns when there is one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,

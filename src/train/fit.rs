@@ -18,7 +18,7 @@ use crate::models::{layers, Arch, Head, Network, TrainLayers};
 use crate::preprocess;
 
 /// Where a run is, sent after every training step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     /// 1-based.
     pub epoch: usize,
@@ -30,7 +30,7 @@ pub struct Progress {
     pub eta_s: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EpochMetrics {
     pub epoch: usize,
     pub train_loss: f64,
@@ -45,7 +45,7 @@ pub enum Event {
     Epoch(EpochMetrics),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClassMetrics {
     pub class: String,
     pub accuracy: f64,
@@ -53,7 +53,7 @@ pub struct ClassMetrics {
 }
 
 /// One of the most confident predictions, right or wrong: the recipe's gallery.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Example {
     pub file: String,
     pub true_label: String,
@@ -63,7 +63,7 @@ pub struct Example {
 }
 
 /// The best checkpoint on the test split (or on the validation split when there is no test split).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Evaluation {
     /// `test` or `validation`.
     pub split: String,
@@ -77,7 +77,7 @@ pub struct Evaluation {
 }
 
 /// Images per class in each split.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SplitCounts {
     pub train: Vec<usize>,
     pub valid: Vec<usize>,

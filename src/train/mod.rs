@@ -18,7 +18,7 @@ pub use dataset::{Dataset, DatasetError, DatasetLimits, Sample};
 pub use fit::{fit, EpochMetrics, Evaluation, Event, Progress, TrainedHead};
 
 /// The recipe's knobs, with its defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub struct Params {
     pub epochs: usize,
