@@ -4,6 +4,8 @@
 mod common;
 
 use std::io::Write;
+
+use common::{dataset_zip, picture};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,8 +13,6 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
-use image::{Rgb, RgbImage};
-use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -72,48 +72,6 @@ fn app(dir: &std::path::Path, max_dataset_bytes: u64, start: bool) -> App {
         jobs,
         engine,
     }
-}
-
-fn picture(class: usize, seed: u64) -> Vec<u8> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let img = RgbImage::from_fn(96, 80, |x, y| {
-        let noise: i32 = rng.random_range(-30..30);
-        let v = |base: i32| (base + noise).clamp(0, 255) as u8;
-        if class == 0 {
-            Rgb([v(if (x / 8) % 2 == 0 { 220 } else { 120 }), v(90), v(40)])
-        } else {
-            let d = ((x as i32 - 48).pow(2) + (y as i32 - 40).pow(2)) as f32;
-            Rgb([v(30), v(60), v(if d.sqrt() < 25.0 { 230 } else { 60 })])
-        }
-    });
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
-/// `train/{stripes,blobs}/*.png` (`per_class` each) and 2 test pictures per class, plus junk.
-fn dataset_zip(per_class: usize) -> Vec<u8> {
-    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let options = zip::write::SimpleFileOptions::default();
-    for (c, class) in ["stripes", "blobs"].iter().enumerate() {
-        for i in 0..per_class {
-            zip.start_file(format!("shapes/train/{class}/{i}.png"), options)
-                .unwrap();
-            zip.write_all(&picture(c, (i * 2 + c) as u64)).unwrap();
-        }
-        for i in 0..2 {
-            zip.start_file(format!("shapes/test/{class}/t{i}.png"), options)
-                .unwrap();
-            zip.write_all(&picture(c, 1000 + (i * 2 + c) as u64))
-                .unwrap();
-        }
-    }
-    zip.start_file("__MACOSX/shapes/._junk", options).unwrap();
-    zip.write_all(b"resource fork").unwrap();
-    zip.start_file("shapes/train/stripes/broken.png", options)
-        .unwrap();
-    zip.write_all(&picture(0, 5)[..100]).unwrap();
-    zip.finish().unwrap().into_inner()
 }
 
 const BOUNDARY: &str = "cnnserve-jobs-boundary";

@@ -292,3 +292,102 @@ fn asking_for_cuda_in_a_cpu_build_says_how_to_get_it() {
     let bad = cnnserve().args(["--device", "tpu"]).output().unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown device"));
 }
+
+fn get_json(url: &str) -> serde_json::Value {
+    let text = ureq::get(url)
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Kills the server (SIGKILL, no chance to clean up) while a job trains, starts it again, and
+/// finds the job failed with the reason and no half-written file.
+#[test]
+fn a_job_cut_off_by_a_kill_shows_failed_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        common::fixtures().join("googlenet/weights.safetensors"),
+        dir.path().join("googlenet.safetensors"),
+    )
+    .unwrap();
+    let start = || {
+        let mut child = cnnserve()
+            .args(["serve", "--offline", "--json-logs", "--addr", "127.0.0.1:0"])
+            .args(["--default-model", "googlenet", "--weights-dir"])
+            .arg(dir.path())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (addr, lines) = listening_addr(&mut child);
+        assert_eq!(wait_until_healthy(&addr), 200);
+        (child, addr, lines)
+    };
+
+    let (mut first, addr, _lines) = start();
+    let boundary = "kill-test-boundary";
+    let mut body = Vec::new();
+    for (name, value) in [
+        ("base_model", "googlenet"),
+        ("epochs", "500"),
+        ("batch_size", "2"),
+        ("augment", "true"),
+    ] {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"dataset\"; filename=\"d.zip\"\r\n\r\n")
+            .as_bytes(),
+    );
+    body.extend_from_slice(&common::dataset_zip(4));
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let accepted: serde_json::Value = ureq::post(&format!("http://{addr}/finetune"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .send(&body[..])
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .map(|t| serde_json::from_str(&t).unwrap())
+        .unwrap();
+    let id = accepted["job_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let job = get_json(&format!("http://{addr}/jobs/{id}"));
+        if job["status"] == "running" && !job["progress"].is_null() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job never ran: {job}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let (second, addr, _lines) = start();
+    let job = get_json(&format!("http://{addr}/jobs/{id}"));
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["error"].as_str().unwrap().contains("interrupted"),
+        "{job}"
+    );
+    assert!(job["finished_at"].is_string());
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.contains(".tmp-") || n.ends_with(".safetensors") && n != "googlenet.safetensors"
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let models = get_json(&format!("http://{addr}/models"));
+    assert_eq!(models["models"].as_array().unwrap().len(), 1, "{models}");
+    sigterm(&second);
+    let mut second = second;
+    assert!(second.wait().unwrap().success());
+}

@@ -90,3 +90,48 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// A small PNG of one of two visibly different kinds (warm stripes, a cool blob), with noise.
+pub fn picture(class: usize, seed: u64) -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let img = image::RgbImage::from_fn(96, 80, |x, y| {
+        let noise: i32 = rng.random_range(-30..30);
+        let v = |base: i32| (base + noise).clamp(0, 255) as u8;
+        if class == 0 {
+            image::Rgb([v(if (x / 8) % 2 == 0 { 220 } else { 120 }), v(90), v(40)])
+        } else {
+            let d = ((x as i32 - 48).pow(2) + (y as i32 - 40).pow(2)) as f32;
+            image::Rgb([v(30), v(60), v(if d.sqrt() < 25.0 { 230 } else { 60 })])
+        }
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// `train/{stripes,blobs}/*.png` (`per_class` each) and 2 test pictures per class, plus junk.
+pub fn dataset_zip(per_class: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default();
+    for (c, class) in ["stripes", "blobs"].iter().enumerate() {
+        for i in 0..per_class {
+            zip.start_file(format!("shapes/train/{class}/{i}.png"), options)
+                .unwrap();
+            zip.write_all(&picture(c, (i * 2 + c) as u64)).unwrap();
+        }
+        for i in 0..2 {
+            zip.start_file(format!("shapes/test/{class}/t{i}.png"), options)
+                .unwrap();
+            zip.write_all(&picture(c, 1000 + (i * 2 + c) as u64))
+                .unwrap();
+        }
+    }
+    zip.start_file("__MACOSX/shapes/._junk", options).unwrap();
+    zip.write_all(b"resource fork").unwrap();
+    zip.start_file("shapes/train/stripes/broken.png", options)
+        .unwrap();
+    zip.write_all(&picture(0, 5)[..100]).unwrap();
+    zip.finish().unwrap().into_inner()
+}
