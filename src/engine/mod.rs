@@ -324,24 +324,22 @@ impl Engine {
         let mut wanted: Vec<String> = Vec::new();
         for (name, arch, file) in found.pretrained {
             wanted.push(name.clone());
-            match self.get(&name) {
-                Some(c) if c.file == file && !changed_since(&file, c.loaded_at) => {
-                    report.unchanged.push(name)
+            if self.is_current(&name, &file) {
+                report.unchanged.push(name);
+                continue;
+            }
+            match Classifier::pretrained(&name, arch, &file, &self.inner.config.device) {
+                Ok(c) => {
+                    self.insert(c);
+                    report.loaded.push(name);
                 }
-                _ => match Classifier::pretrained(&name, arch, &file, &self.inner.config.device) {
-                    Ok(c) => {
-                        self.insert(c);
-                        report.loaded.push(name);
-                    }
-                    Err(e) => report.failed.push((file, e.to_string())),
-                },
+                Err(e) => report.failed.push((file, e.to_string())),
             }
         }
         for (meta, file) in found.fine_tuned {
             let name = meta.name.clone();
             wanted.push(name.clone());
-            if matches!(self.get(&name), Some(c) if c.file == file && !changed_since(&file, c.loaded_at))
-            {
+            if self.is_current(&name, &file) {
                 report.unchanged.push(name);
                 continue;
             }
@@ -377,6 +375,14 @@ impl Engine {
             tracing::warn!(file = %file.display(), %error, "model not loaded");
         }
         report
+    }
+}
+
+impl Engine {
+    /// Whether model `name` is loaded from `file` and the file has not changed since.
+    fn is_current(&self, name: &str, file: &Path) -> bool {
+        self.get(name)
+            .is_some_and(|c| c.file == file && !changed_since(file, c.loaded_at))
     }
 }
 

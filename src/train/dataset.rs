@@ -64,12 +64,20 @@ pub struct Dataset {
 impl Dataset {
     /// Images per class in `samples`.
     pub fn counts(&self, samples: &[Sample]) -> Vec<usize> {
-        let mut counts = vec![0; self.classes.len()];
-        for s in samples {
-            counts[s.label] += 1;
-        }
-        counts
+        class_counts(self.classes.len(), samples)
     }
+}
+
+/// Images per class among `samples`, for `classes` classes.
+pub fn class_counts<'a>(
+    classes: usize,
+    samples: impl IntoIterator<Item = &'a Sample>,
+) -> Vec<usize> {
+    let mut counts = vec![0; classes];
+    for s in samples {
+        counts[s.label] += 1;
+    }
+    counts
 }
 
 /// Caps on what an upload may make us read.

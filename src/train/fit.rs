@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::dataset::class_counts;
 use super::{augment, Dataset, Params, Sample, TrainError};
 use crate::models::{layers, Arch, Head, Network, TrainLayers};
 use crate::preprocess;
@@ -323,13 +324,6 @@ pub fn fit_with(
     )?;
     let scored = score(&best_head, &eval_features, &labels_of(&eval), device)?;
     let evaluation = evaluate(eval_split, &scored, &eval, &data.classes, options.examples);
-    let counts_of = |samples: &[&Sample]| {
-        let mut counts = vec![0; classes];
-        for s in samples {
-            counts[s.label] += 1;
-        }
-        counts
-    };
     Ok(TrainedHead {
         arch,
         train_layers: layers,
@@ -339,9 +333,9 @@ pub fn fit_with(
         best_epoch,
         evaluation,
         counts: SplitCounts {
-            train: counts_of(&train),
-            valid: counts_of(&valid),
-            test: counts_of(&data.test.iter().collect::<Vec<_>>()),
+            train: class_counts(classes, train.iter().copied()),
+            valid: class_counts(classes, valid.iter().copied()),
+            test: class_counts(classes, &data.test),
         },
     })
 }
@@ -352,17 +346,10 @@ pub fn split_counts(data: &Dataset, params: &Params) -> SplitCounts {
     let classes = data.classes.len();
     let mut rng = Streams::new(params.seed);
     let (train, valid) = split(&data.train, classes, params.valid_ratio, &mut rng.split);
-    let count = |idx: &[usize], samples: &[Sample]| {
-        let mut counts = vec![0; classes];
-        for &i in idx {
-            counts[samples[i].label] += 1;
-        }
-        counts
-    };
     SplitCounts {
-        train: count(&train, &data.train),
-        valid: count(&valid, &data.train),
-        test: count(&(0..data.test.len()).collect::<Vec<_>>(), &data.test),
+        train: class_counts(classes, train.iter().map(|&i| &data.train[i])),
+        valid: class_counts(classes, valid.iter().map(|&i| &data.train[i])),
+        test: class_counts(classes, &data.test),
     }
 }
 

@@ -29,9 +29,7 @@ pub fn torchvision_file(arch: Arch) -> &'static str {
 
 /// The hex digest prefix in a torchvision file name (`vgg11_bn-6002323d.pth` → `6002323d`).
 pub fn hash_prefix(file_name: &str) -> Option<&str> {
-    let stem = file_name.strip_suffix(".pth")?;
-    let (_, hash) = stem.rsplit_once('-')?;
-    (hash.len() >= 8 && hash.chars().all(|c| c.is_ascii_hexdigit())).then_some(hash)
+    super::pth::split_hash_suffix(file_name.strip_suffix(".pth")?).1
 }
 
 /// Downloads `arch`'s weights from `base_url` into `dir` unless they are already there.

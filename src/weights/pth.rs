@@ -75,15 +75,21 @@ pub fn model_name_from_file(path: &Path) -> String {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    split_hash_suffix(&stem).0.to_string()
+}
+
+/// `vgg11_bn-6002323d` → (`vgg11_bn`, Some(`6002323d`)); a stem without torchvision's hash
+/// suffix comes back whole, with None.
+pub fn split_hash_suffix(stem: &str) -> (&str, Option<&str>) {
     match stem.rsplit_once('-') {
         Some((name, hash))
             if !name.is_empty()
                 && hash.len() >= 8
                 && hash.bytes().all(|b| b.is_ascii_hexdigit()) =>
         {
-            name.to_string()
+            (name, Some(hash))
         }
-        _ => stem,
+        _ => (stem, None),
     }
 }
 
