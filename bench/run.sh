@@ -1,53 +1,52 @@
 #!/usr/bin/env bash
-# The fine-tuning benchmark of the README: the 5-epoch recipe on catanddog with vgg11_bn,
-# augmentation off and on, in cnnserve and (when torch is installed) in PyTorch, one run at a
-# time. Run it on an otherwise idle machine from the repo root; it takes about half an hour.
-# Writes bench/results.jsonl (one line per run) and prints a table.
+# Forward-pass latency side by side, from one run on this machine: `cnnserve bench` against PyTorch
+# eager, PyTorch channels_last and ONNX Runtime (bench/inference_pytorch.py) on the same weights,
+# batch sizes and input size. One engine runs at a time. Prints the JSON lines, then a table.
+#
+#   bash bench/run.sh                       # vgg11_bn and googlenet, batch 1 and 8, 224x224
+#   BATCH=1,8,16 ITERS=30 bash bench/run.sh
+#
+# The peers need a Python with torch, torchvision, safetensors and onnxruntime: PYTHON=/path/to/python
+# (default python3); without torch only cnnserve runs. Writes bench/inference.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data="${CNNSERVE_DATA:-../shared/data}/catanddog"
 fixtures="${CNNSERVE_FIXTURES:-../shared/fixtures}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cnnserve/target}"
-weights="$CARGO_TARGET_DIR/tmp/fixtures/vgg11_bn.safetensors"
-if [ ! -f "$weights" ]; then
-  mkdir -p "$(dirname "$weights")"
-  gunzip -c "$fixtures/vgg11_bn/weights.safetensors.gz" > "$weights.part" && mv "$weights.part" "$weights"
+python="${PYTHON:-python3}"
+batch="${BATCH:-1,8}" size="${SIZE:-224}" iters="${ITERS:-20}"
+vgg="$CARGO_TARGET_DIR/tmp/fixtures/vgg11_bn.safetensors"
+if [ ! -f "$vgg" ]; then
+  mkdir -p "$(dirname "$vgg")"
+  gunzip -c "$fixtures/vgg11_bn/weights.safetensors.gz" > "$vgg.part" && mv "$vgg.part" "$vgg"
 fi
 cargo build --release --quiet
 bin="$CARGO_TARGET_DIR/release/cnnserve"
-out=bench/results.jsonl
+out=bench/inference.jsonl
 : > "$out"
-scratch=$(mktemp -d)
-trap 'rm -rf "$scratch"' EXIT
-
-for augment in false true; do
-  start=$(date +%s.%N)
-  "$bin" finetune --dataset "$data" --base-model vgg11_bn --weights "$weights" --augment "$augment" \
-    --epochs 5 --batch-size 32 --learning-rate 1e-3 --seed 0 --name bench --weights-dir "$scratch" \
-    > "$scratch/log" 2>&1
-  end=$(date +%s.%N)
-  wall=$(python3 -c "print(round($end - $start, 1))")
-  echo "{\"framework\": \"cnnserve\", \"arch\": \"vgg11_bn\", \"augment\": $augment, \"wall_s\": $wall}" | tee -a "$out"
+echo "# $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')" >&2
+for model in vgg11_bn googlenet; do
+  weights=$vgg
+  [ "$model" = googlenet ] && weights="$fixtures/googlenet/weights.safetensors"
+  "$bin" bench --model "$model" --weights "$weights" --batch "$batch" --size "$size" --iters "$iters" 2>/dev/null \
+    | sed 's/^{/{"engine":"cnnserve",/' | tee -a "$out"
+  if "$python" -c "import torch, torchvision, safetensors" 2>/dev/null; then
+    "$python" bench/inference_pytorch.py --model "$model" --weights "$weights" --batch "$batch" \
+      --size "$size" --iters "$iters" | tee -a "$out"
+  else
+    echo "$python has no torch/torchvision/safetensors: PyTorch and ONNX Runtime skipped" >&2
+  fi
 done
-
-if python3 -c "import torch, torchvision" 2>/dev/null; then
-  for augment in false true; do
-    python3 bench/finetune_pytorch.py --data "$data" --arch vgg11_bn --augment "$augment" \
-      --weights "$weights" --epochs 5 --batch-size 32 --lr 1e-3 --seed 0 | tail -n 1 | tee -a "$out"
-  done
-else
-  echo "torch is not installed: PyTorch runs skipped (pip install torch torchvision safetensors)" >&2
-fi
 
 python3 - "$out" <<'PY'
 import json, sys
-runs = [json.loads(l) for l in open(sys.argv[1])]
-def wall(fw, aug):
-    return next((r["wall_s"] for r in runs if r["framework"] == fw and r["augment"] == aug), None)
-print("| augment | cnnserve | PyTorch | speed-up |")
-print("|---|---|---|---|")
-for aug in (False, True):
-    c, p = wall("cnnserve", aug), wall("pytorch", aug)
-    speed = f"{p / c:.1f}x" if c and p else "-"
-    print(f"| {str(aug).lower()} | {c:.0f} s | {p:.0f} s | {speed} |" if p else f"| {str(aug).lower()} | {c:.0f} s | - | - |")
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"ms_median"' in l]
+engines = ["torch-eager", "torch-channels_last", "onnxruntime", "cnnserve"]
+print("| ms per batch (median) | " + " | ".join(engines) + " | ONNX Runtime / cnnserve |")
+print("|---|" + "---|" * (len(engines) + 1))
+for model in ("vgg11_bn", "googlenet"):
+    for batch in sorted({r["batch"] for r in rows if r["model"] == model}):
+        ms = {r["engine"]: r["ms_median"] for r in rows if r["model"] == model and r["batch"] == batch}
+        cells = [f'{ms[e]:.1f}' if e in ms else "-" for e in engines]
+        ratio = f'{ms["onnxruntime"] / ms["cnnserve"]:.2f}' if "onnxruntime" in ms and "cnnserve" in ms else "-"
+        print(f"| {model}, batch {batch} | " + " | ".join(cells) + f" | {ratio} |")
 PY

@@ -7,7 +7,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand};
 
-use crate::models::Arch;
+use crate::models::{Arch, Precision};
 use crate::weights;
 
 #[derive(Debug, Parser)]
@@ -41,6 +41,8 @@ pub enum Command {
     Predict(PredictArgs),
     /// Train a new classifier head on an ImageFolder data set (folder or zip) in the terminal.
     Finetune(FinetuneArgs),
+    /// Time the forward pass on random inputs: one JSON line per batch size (load time excluded).
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -205,6 +207,88 @@ pub struct FinetuneArgs {
     /// Device, as for `serve`.
     #[arg(long, default_value = "cpu", env = "CNNSERVE_DEVICE")]
     pub device: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Architecture of the weights (optional for torchvision file names and fine-tuned heads).
+    #[arg(long, env = "CNNSERVE_MODEL")]
+    pub model: Option<Arch>,
+    /// Weights file, as for `forward`.
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Batch sizes to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8", value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: Vec<u32>,
+    /// Input height and width.
+    #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(32..=4096))]
+    pub size: u32,
+    /// Timed forward passes per batch size, after the warm-up.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub iters: u32,
+    /// Untimed forward passes before the timed ones.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: u32,
+    /// Arithmetic of the forward pass.
+    #[arg(long, value_enum, default_value_t = Precision::F32, env = "CNNSERVE_DTYPE")]
+    pub dtype: Precision,
+    /// Device, as for `serve`.
+    #[arg(long, default_value = "cpu", env = "CNNSERVE_DEVICE")]
+    pub device: String,
+}
+
+/// `cnnserve bench`: median, min and max milliseconds per forward pass of a batch.
+pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.device)?;
+    args.dtype.check(&device).map_err(anyhow::Error::msg)?;
+    let classifier = crate::engine::classifier::open(&args.weights, args.model, &device)
+        .with_context(|| format!("loading {}", args.weights.display()))?;
+    let size = args.size as usize;
+    for &batch in &args.batch {
+        let batch = batch as usize;
+        let xs =
+            Tensor::randn(0f32, 1.0, (batch, 3, size, size), &Device::Cpu)?.to_device(&device)?;
+        // Reading the logits back waits for the device, so each timing covers the whole pass.
+        let run = || -> anyhow::Result<()> {
+            classifier
+                .logits(&xs)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            Ok(())
+        };
+        for _ in 0..args.warmup {
+            run()?;
+        }
+        let mut ms = Vec::with_capacity(args.iters as usize);
+        for _ in 0..args.iters {
+            let start = std::time::Instant::now();
+            run()?;
+            ms.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        let median = if ms.len() % 2 == 1 {
+            ms[ms.len() / 2]
+        } else {
+            (ms[ms.len() / 2 - 1] + ms[ms.len() / 2]) / 2.0
+        };
+        let round = |x: f64| (x * 100.0).round() / 100.0;
+        let line = serde_json::json!({
+            "model": classifier.arch.name(),
+            "batch": batch,
+            "size": size,
+            "dtype": args.dtype.name(),
+            "device": args.device,
+            "isa": if device.is_cpu() { crate::models::cpu::Isa::best().name() } else { "-" },
+            "threads": rayon::current_num_threads(),
+            "iters": args.iters,
+            "ms_median": round(median),
+            "ms_min": round(ms[0]),
+            "ms_max": round(ms[ms.len() - 1]),
+            "images_per_s": round(batch as f64 * 1e3 / median),
+        });
+        println!("{line}");
+    }
+    Ok(())
 }
 
 /// A fresh model name: `<base>-ft-<6 hex digits>`.

@@ -10,6 +10,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Forward(args)) => cli::forward(&args),
         Some(Command::Predict(args)) => cli::predict(&args),
         Some(Command::Finetune(args)) => cli::finetune(&args),
+        Some(Command::Bench(args)) => cli::bench(&args),
     }
 }
 

@@ -9,9 +9,10 @@
 //! - `aux1.*` / `aux2.*` exist in the checkpoint but only run in training; they are never loaded here.
 //! - dropout (p = 0.2) sits between the pooled 1024 features and `fc`.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
+use super::cpu::{self, Act, ConvKind, CpuConv, Isa};
 use super::layers::{self, ConvBn, ConvBnConfig, MaxPool2d};
 
 /// Key prefixes of the auxiliary classifiers, present in torchvision's files and unused in eval.
@@ -134,10 +135,98 @@ impl Module for Inception {
     }
 }
 
+/// An [`Inception`] packed for the CPU kernels. The three 1×1 convolutions that read the block's
+/// input (`branch1`, `branch2.0`, `branch3.0`) are one product; every branch writes its channel
+/// slice of the output map, so the concatenation costs nothing.
+#[derive(Debug, Clone)]
+struct CpuInception {
+    reduce: CpuConv,
+    branch2: CpuConv,
+    branch3: CpuConv,
+    branch4: CpuConv,
+    pool: MaxPool2d,
+    /// `ch1x1`, `ch3x3red`, `ch5x5red`: the widths of `reduce`'s output.
+    reduced: [usize; 3],
+}
+
+impl CpuInception {
+    fn new(block: &Inception) -> Result<Self> {
+        let parts = [&block.branch1, &block.branch2[0], &block.branch3[0]];
+        let weight = Tensor::cat(&parts.map(|b| b.0.conv().weight().clone()), 0)?;
+        let bias = parts
+            .iter()
+            .map(|b| b.0.conv().bias().cloned())
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| candle_core::Error::Msg("folded convolutions carry a bias".into()))?;
+        let reduce = Conv2d::new(weight, Some(Tensor::cat(&bias, 0)?), Default::default());
+        let reduced = parts.map(|b| b.0.conv().weight().dim(0).unwrap_or(0));
+        Ok(Self {
+            reduce: layers::cpu_conv(&reduce, Some(ConvKind::Pointwise))?,
+            branch2: layers::cpu_conv(block.branch2[1].0.conv(), None)?,
+            branch3: layers::cpu_conv(block.branch3[1].0.conv(), None)?,
+            branch4: layers::cpu_conv(block.branch4_proj.0.conv(), Some(ConvKind::Pointwise))?,
+            pool: block.branch4_pool,
+            reduced,
+        })
+    }
+
+    fn forward(&self, isa: Isa, xs: &mut Act) -> Result<Act> {
+        let [ch1, ch3red, ch5red] = self.reduced;
+        let (ch3, ch5) = (self.branch2.c_out(), self.branch3.c_out());
+        let total = ch1 + ch3 + ch5 + self.branch4.c_out();
+        let mut out = Act::new(xs.n, xs.h, xs.w, total);
+        let mut reduced = Act::new(xs.n, xs.h, xs.w, ch1 + ch3red + ch5red);
+        let (input, r) = (xs.map(), reduced.map());
+        let (_, pooled) = rayon::join(
+            || self.reduce.forward(isa, input, r, true),
+            || cpu::pool::max_pool(input, &self.pool),
+        );
+        let mut pooled = pooled?;
+        let width = reduced.c;
+        for (dst, src) in out
+            .data_mut()
+            .chunks_exact_mut(total)
+            .zip(reduced.data().chunks_exact(width))
+        {
+            dst[..ch1].copy_from_slice(&src[..ch1]);
+        }
+        let (r, o) = (reduced.map(), out.map());
+        let proj = self.branch4.c_out();
+        cpu::run_together(&[
+            self.branch2
+                .prepare(isa, r.channels(ch1, ch3red), o.channels(ch1, ch3), true),
+            self.branch3.prepare(
+                isa,
+                r.channels(ch1 + ch3red, ch5red),
+                o.channels(ch1 + ch3, ch5),
+                true,
+            ),
+            self.branch4
+                .prepare(isa, pooled.map(), o.channels(ch1 + ch3 + ch5, proj), true),
+        ]);
+        Ok(out)
+    }
+}
+
 /// torchvision's `GoogLeNet` in eval form (no aux heads).
 #[derive(Debug, Clone)]
 pub struct GoogLeNet {
-    transform_input: Option<(Tensor, Tensor)>,
+    /// `transform_input`'s per-channel scale and shift.
+    transform_input: Option<([f32; 3], [f32; 3])>,
+    body: Body,
+    fc: Linear,
+}
+
+/// Everything between the input and `avgpool`: candle's modules, or on the CPU in f32 the same
+/// ones packed for [`cpu`]'s kernels (the candle copies are dropped then).
+#[derive(Debug, Clone)]
+enum Body {
+    Candle(Box<CandleBody>),
+    Cpu(Box<CpuBody>),
+}
+
+#[derive(Debug, Clone)]
+struct CandleBody {
     conv1: BasicConv2d,
     conv2: BasicConv2d,
     conv3: BasicConv2d,
@@ -150,51 +239,74 @@ pub struct GoogLeNet {
     inception4e: Inception,
     inception5a: Inception,
     inception5b: Inception,
-    fc: Linear,
 }
 
-impl GoogLeNet {
-    pub fn new(cfg: &GoogLeNetConfig, vb: VarBuilder) -> Result<Self> {
-        let transform_input = if cfg.transform_input {
-            // torchvision computes these constants in Python floats, then applies them in f32.
-            let mean = [0.485f64, 0.456, 0.406];
-            let std = [0.229f64, 0.224, 0.225];
-            let scale: Vec<f32> = std.iter().map(|s| (s / 0.5) as f32).collect();
-            let shift: Vec<f32> = mean.iter().map(|m| ((m - 0.5) / 0.5) as f32).collect();
-            let dev = vb.device();
-            Some((
-                Tensor::from_vec(scale, (1, 3, 1, 1), dev)?.to_dtype(vb.dtype())?,
-                Tensor::from_vec(shift, (1, 3, 1, 1), dev)?.to_dtype(vb.dtype())?,
-            ))
-        } else {
-            None
-        };
+#[derive(Debug, Clone)]
+struct CpuBody {
+    conv1: CpuConv,
+    conv2: CpuConv,
+    conv3: CpuConv,
+    /// 3a, 3b, 4a … 4e, 5a, 5b.
+    inceptions: Vec<CpuInception>,
+}
+
+impl CpuBody {
+    fn new(body: &CandleBody) -> Result<Self> {
         Ok(Self {
-            transform_input,
-            conv1: BasicConv2d::new(3, 64, 7, 2, 3, vb.pp("conv1"))?,
-            conv2: BasicConv2d::new(64, 64, 1, 1, 0, vb.pp("conv2"))?,
-            conv3: BasicConv2d::new(64, 192, 3, 1, 1, vb.pp("conv3"))?,
-            inception3a: Inception::new(192, 64, 96, 128, 16, 32, 32, vb.pp("inception3a"))?,
-            inception3b: Inception::new(256, 128, 128, 192, 32, 96, 64, vb.pp("inception3b"))?,
-            inception4a: Inception::new(480, 192, 96, 208, 16, 48, 64, vb.pp("inception4a"))?,
-            inception4b: Inception::new(512, 160, 112, 224, 24, 64, 64, vb.pp("inception4b"))?,
-            inception4c: Inception::new(512, 128, 128, 256, 24, 64, 64, vb.pp("inception4c"))?,
-            inception4d: Inception::new(512, 112, 144, 288, 32, 64, 64, vb.pp("inception4d"))?,
-            inception4e: Inception::new(528, 256, 160, 320, 32, 128, 128, vb.pp("inception4e"))?,
-            inception5a: Inception::new(832, 256, 160, 320, 32, 128, 128, vb.pp("inception5a"))?,
-            inception5b: Inception::new(832, 384, 192, 384, 48, 128, 128, vb.pp("inception5b"))?,
-            fc: candle_nn::linear(EMBEDDING, cfg.num_classes, vb.pp("fc"))?,
+            conv1: layers::cpu_conv(body.conv1.0.conv(), None)?,
+            conv2: layers::cpu_conv(body.conv2.0.conv(), None)?,
+            conv3: layers::cpu_conv(body.conv3.0.conv(), None)?,
+            inceptions: body
+                .inceptions()
+                .iter()
+                .map(|b| CpuInception::new(b))
+                .collect::<Result<_>>()?,
         })
     }
 
-    /// Everything up to `avgpool` + `flatten`: the frozen 1024-wide embedding a new `fc` trains on.
-    pub fn features(&self, xs: &Tensor) -> Result<Tensor> {
-        layers::check_input(xs, MIN_INPUT_SIDE)?;
+    fn features(&self, mut xs: Act) -> Result<Vec<f32>> {
+        let isa = Isa::best();
         let pool = |k: usize| MaxPool2d::new(k, 2).ceil_mode();
-        let mut xs = match &self.transform_input {
-            Some((scale, shift)) => xs.broadcast_mul(scale)?.broadcast_add(shift)?,
-            None => xs.clone(),
+        let conv = |conv: &CpuConv, xs: &mut Act| {
+            let (h, w) = conv.output_size(xs.h, xs.w);
+            let mut out = Act::new(xs.n, h, w, conv.c_out());
+            conv.forward(isa, xs.map(), out.map(), true);
+            out
         };
+        xs = conv(&self.conv1, &mut xs);
+        xs = cpu::pool::max_pool(xs.map(), &pool(3))?; // maxpool1
+        xs = conv(&self.conv2, &mut xs);
+        xs = conv(&self.conv3, &mut xs);
+        xs = cpu::pool::max_pool(xs.map(), &pool(3))?; // maxpool2
+        for (i, block) in self.inceptions.iter().enumerate() {
+            xs = block.forward(isa, &mut xs)?;
+            xs = match i {
+                1 => cpu::pool::max_pool(xs.map(), &pool(3))?, // maxpool3, after 3b
+                6 => cpu::pool::max_pool(xs.map(), &pool(2))?, // maxpool4, after 4e
+                _ => xs,
+            };
+        }
+        Ok(cpu::pool::adaptive_avg_pool_flat(xs.map(), 1, 1))
+    }
+}
+
+impl CandleBody {
+    fn inceptions(&self) -> [&Inception; 9] {
+        [
+            &self.inception3a,
+            &self.inception3b,
+            &self.inception4a,
+            &self.inception4b,
+            &self.inception4c,
+            &self.inception4d,
+            &self.inception4e,
+            &self.inception5a,
+            &self.inception5b,
+        ]
+    }
+
+    fn features(&self, mut xs: Tensor) -> Result<Tensor> {
+        let pool = |k: usize| MaxPool2d::new(k, 2).ceil_mode();
         xs = self.conv1.forward(&xs)?;
         xs = pool(3).forward(&xs)?; // maxpool1
         xs = self.conv3.forward(&self.conv2.forward(&xs)?)?;
@@ -213,6 +325,77 @@ impl GoogLeNet {
         xs = pool(2).forward(&xs)?; // maxpool4
         xs = self.inception5b.forward(&self.inception5a.forward(&xs)?)?;
         layers::flatten(&layers::adaptive_avg_pool2d(&xs, 1, 1)?)
+    }
+}
+
+impl GoogLeNet {
+    pub fn new(cfg: &GoogLeNetConfig, vb: VarBuilder) -> Result<Self> {
+        let transform_input = cfg.transform_input.then(|| {
+            // torchvision computes these constants in Python floats, then applies them in f32.
+            let mean = [0.485f64, 0.456, 0.406];
+            let std = [0.229f64, 0.224, 0.225];
+            (
+                std.map(|s| (s / 0.5) as f32),
+                mean.map(|m| ((m - 0.5) / 0.5) as f32),
+            )
+        });
+        let body = CandleBody {
+            conv1: BasicConv2d::new(3, 64, 7, 2, 3, vb.pp("conv1"))?,
+            conv2: BasicConv2d::new(64, 64, 1, 1, 0, vb.pp("conv2"))?,
+            conv3: BasicConv2d::new(64, 192, 3, 1, 1, vb.pp("conv3"))?,
+            inception3a: Inception::new(192, 64, 96, 128, 16, 32, 32, vb.pp("inception3a"))?,
+            inception3b: Inception::new(256, 128, 128, 192, 32, 96, 64, vb.pp("inception3b"))?,
+            inception4a: Inception::new(480, 192, 96, 208, 16, 48, 64, vb.pp("inception4a"))?,
+            inception4b: Inception::new(512, 160, 112, 224, 24, 64, 64, vb.pp("inception4b"))?,
+            inception4c: Inception::new(512, 128, 128, 256, 24, 64, 64, vb.pp("inception4c"))?,
+            inception4d: Inception::new(512, 112, 144, 288, 32, 64, 64, vb.pp("inception4d"))?,
+            inception4e: Inception::new(528, 256, 160, 320, 32, 128, 128, vb.pp("inception4e"))?,
+            inception5a: Inception::new(832, 256, 160, 320, 32, 128, 128, vb.pp("inception5a"))?,
+            inception5b: Inception::new(832, 384, 192, 384, 48, 128, 128, vb.pp("inception5b"))?,
+        };
+        let body = if layers::uses_cpu_kernels(&vb) {
+            Body::Cpu(Box::new(CpuBody::new(&body)?))
+        } else {
+            Body::Candle(Box::new(body))
+        };
+        Ok(Self {
+            transform_input,
+            body,
+            fc: candle_nn::linear(EMBEDDING, cfg.num_classes, vb.pp("fc"))?,
+        })
+    }
+
+    /// Everything up to `avgpool` + `flatten`: the frozen 1024-wide embedding a new `fc` trains on.
+    pub fn features(&self, xs: &Tensor) -> Result<Tensor> {
+        layers::check_input(xs, MIN_INPUT_SIDE)?;
+        match &self.body {
+            Body::Cpu(body) => {
+                let (n, c, h, w) = xs.dims4()?;
+                let data = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                // `x * scale + shift`, two roundings, as torchvision's `_transform_input`.
+                let input = match self.transform_input {
+                    Some((scale, shift)) => {
+                        Act::from_nchw_with(&data, (n, c, h, w), |ch, v| v * scale[ch] + shift[ch])
+                    }
+                    None => Act::from_nchw(&data, n, c, h, w),
+                };
+                let flat = cpu::in_pool(|| body.features(input))?;
+                Tensor::from_vec(flat, (n, EMBEDDING), xs.device())
+            }
+            Body::Candle(body) => {
+                let xs = match self.transform_input {
+                    Some((scale, shift)) => {
+                        let param = |v: [f32; 3]| {
+                            Tensor::from_slice(&v, (1, 3, 1, 1), xs.device())?.to_dtype(xs.dtype())
+                        };
+                        xs.broadcast_mul(&param(scale)?)?
+                            .broadcast_add(&param(shift)?)?
+                    }
+                    None => xs.clone(),
+                };
+                body.features(xs)
+            }
+        }
     }
 
     /// `dropout` + `fc` on the embedding.

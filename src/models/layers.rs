@@ -1,9 +1,10 @@
 //! The pieces torchvision's models use that candle-nn lacks or spells differently: a convolution with
 //! its batch norm folded in, max pooling with padding and `ceil_mode`, and `AdaptiveAvgPool2d`.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
-use rayon::prelude::*;
+
+use super::cpu::{ConvKind, CpuConv};
 
 /// `Conv2d` followed by an eval-mode `BatchNorm2d`, folded into one convolution at load time.
 ///
@@ -58,182 +59,52 @@ pub struct ConvBnConfig {
     pub eps: f64,
 }
 
+impl ConvBn {
+    /// The folded convolution.
+    pub fn conv(&self) -> &Conv2d {
+        &self.conv
+    }
+}
+
 impl Module for ConvBn {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        conv2d_forward(&self.conv, xs)
+        self.conv.forward(xs)
     }
 }
 
-/// A convolution with bias: on the CPU in f32 through [`Im2ColGemm`], elsewhere candle's own.
-pub fn conv2d_forward(conv: &Conv2d, xs: &Tensor) -> Result<Tensor> {
+/// Whether a network built from `vb` runs its convolutions through the CPU kernels of
+/// [`super::cpu`] (f32 on the CPU) rather than candle's (every other device and dtype).
+pub fn uses_cpu_kernels(vb: &VarBuilder) -> bool {
+    vb.device().is_cpu() && vb.dtype() == DType::F32
+}
+
+/// A candle convolution (square kernel, bias, no groups or dilation) packed for the CPU kernels;
+/// `kind` as [`CpuConv::new`] takes it.
+pub fn cpu_conv(conv: &Conv2d, kind: Option<ConvKind>) -> Result<CpuConv> {
     let cfg = conv.config();
-    let usable = xs.device().is_cpu()
-        && xs.dtype() == DType::F32
-        && conv.weight().dtype() == DType::F32
-        && cfg.groups == 1
-        && cfg.dilation == 1;
-    if !usable {
-        return conv.forward(xs);
+    let (c_out, c_in, kh, kw) = conv.weight().dims4()?;
+    if kh != kw || cfg.groups != 1 || cfg.dilation != 1 {
+        candle_core::bail!("the CPU kernels take square, ungrouped, undilated convolutions");
     }
-    let op = Im2ColGemm {
-        stride: cfg.stride,
-        padding: cfg.padding,
+    let weight = conv
+        .weight()
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let bias = match conv.bias() {
+        Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        None => vec![0.0; c_out],
     };
-    let ys = xs
-        .contiguous()?
-        .apply_op2_no_bwd(&conv.weight().contiguous()?, &op)?;
-    match conv.bias() {
-        Some(bias) => ys.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?),
-        None => Ok(ys),
-    }
-}
-
-/// 2-D convolution as im2col and one large matrix product per image.
-///
-/// candle's CPU convolution multiplies 512-pixel tiles, which keeps the products small; VGG's
-/// large feature maps run about twice as fast as one `[C_out, K] x [K, H*W]` product per image,
-/// with the patch matrix built a whole shifted row at a time. The frozen part of fine-tuning
-/// spends nearly all its time here.
-#[derive(Debug, Clone, Copy)]
-pub struct Im2ColGemm {
-    pub stride: usize,
-    pub padding: usize,
-}
-
-impl CustomOp2 for Im2ColGemm {
-    fn name(&self) -> &'static str {
-        "im2col-gemm-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        input: &CpuStorage,
-        input_l: &Layout,
-        kernel: &CpuStorage,
-        kernel_l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(input), CpuStorage::F32(kernel)) = (input, kernel) else {
-            candle_core::bail!("{}: f32 only", self.name());
-        };
-        let (Some((x0, _)), Some((k0, _))) =
-            (input_l.contiguous_offsets(), kernel_l.contiguous_offsets())
-        else {
-            candle_core::bail!("{}: contiguous tensors only", self.name());
-        };
-        let (batch, c_in, h, w) = input_l.shape().dims4()?;
-        let (c_out, k_c_in, kh, kw) = kernel_l.shape().dims4()?;
-        if k_c_in != c_in {
-            candle_core::bail!(
-                "{}: input has {c_in} channels, kernel {k_c_in}",
-                self.name()
-            );
-        }
-        let (s, p) = (self.stride, self.padding);
-        if h + 2 * p < kh || w + 2 * p < kw {
-            candle_core::bail!(
-                "{}: input {h}x{w} smaller than kernel {kh}x{kw}",
-                self.name()
-            );
-        }
-        let (ho, wo) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
-        let (k, n) = (c_in * kh * kw, ho * wo);
-        let kernel = &kernel[k0..k0 + c_out * k];
-        let mut out = vec![0f32; batch * c_out * n];
-        // A 1x1, stride-1, unpadded convolution's patch matrix is the image itself.
-        let direct = kh == 1 && kw == 1 && s == 1 && p == 0;
-        let mut col = if direct {
-            Vec::new()
-        } else {
-            vec![0f32; k * n]
-        };
-        let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        for (image, dst) in out.chunks_mut(c_out * n).enumerate() {
-            let x = &input[x0 + image * c_in * h * w..][..c_in * h * w];
-            let rhs: &[f32] = if direct {
-                x
-            } else {
-                col.par_chunks_mut(n)
-                    .enumerate()
-                    .for_each(|(row, col_row)| {
-                        let (c, ky, kx) = (row / (kh * kw), (row / kw) % kh, row % kw);
-                        let plane = &x[c * h * w..][..h * w];
-                        fill_patch_row(col_row, plane, (h, w), (ho, wo), (ky, kx), s, p);
-                    });
-                &col
-            };
-            // SAFETY: dst is c_out x n, kernel c_out x k, rhs k x n, all row-major, in bounds.
-            unsafe {
-                gemm::gemm(
-                    c_out,
-                    n,
-                    k,
-                    dst.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    kernel.as_ptr(),
-                    1,
-                    k as isize,
-                    rhs.as_ptr(),
-                    1,
-                    n as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-            }
-        }
-        Ok((CpuStorage::F32(out), Shape::from((batch, c_out, ho, wo))))
-    }
-}
-
-/// One row of the patch matrix: input plane `plane` seen through kernel tap `(ky, kx)`, for
-/// every output pixel, zero where the tap falls in the padding.
-fn fill_patch_row(
-    row: &mut [f32],
-    plane: &[f32],
-    (h, w): (usize, usize),
-    (ho, wo): (usize, usize),
-    (ky, kx): (usize, usize),
-    stride: usize,
-    padding: usize,
-) {
-    for oy in 0..ho {
-        let dst = &mut row[oy * wo..(oy + 1) * wo];
-        let iy = (oy * stride + ky) as isize - padding as isize;
-        if iy < 0 || iy >= h as isize {
-            dst.fill(0.0);
-            continue;
-        }
-        let src = &plane[iy as usize * w..][..w];
-        // Output columns whose input column ox*stride + kx - padding lies inside the row.
-        let first = padding.saturating_sub(kx).div_ceil(stride).min(wo);
-        let last = ((w + padding).saturating_sub(kx))
-            .div_ceil(stride)
-            .min(wo)
-            .max(first);
-        dst[..first].fill(0.0);
-        dst[last..].fill(0.0);
-        if last == first {
-            continue;
-        }
-        if stride == 1 {
-            let start = first + kx - padding;
-            dst[first..last].copy_from_slice(&src[start..start + (last - first)]);
-        } else {
-            for (ox, d) in dst[first..last].iter_mut().enumerate() {
-                *d = src[(first + ox) * stride + kx - padding];
-            }
-        }
-    }
+    Ok(CpuConv::new(
+        &weight,
+        &bias,
+        c_out,
+        c_in,
+        kh,
+        cfg.stride,
+        cfg.padding,
+        kind,
+    ))
 }
 
 /// A plain `Conv2d` with bias, read under torchvision's names.
@@ -426,42 +297,6 @@ pub fn check_input(xs: &Tensor, min_side: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn im2col_gemm_convolution_equals_candles() {
-        let dev = Device::Cpu;
-        for (c_in, c_out, k, stride, padding, h, w) in [
-            (3, 8, 3, 1, 1, 13, 9),
-            (4, 6, 7, 2, 3, 17, 20),
-            (5, 4, 1, 1, 0, 6, 7),
-            (2, 3, 3, 2, 0, 9, 8),
-            (3, 5, 2, 2, 1, 5, 5),
-        ] {
-            let weight = Tensor::randn(0f32, 1., (c_out, c_in, k, k), &dev).unwrap();
-            let bias = Tensor::randn(0f32, 1., c_out, &dev).unwrap();
-            let cfg = Conv2dConfig {
-                padding,
-                stride,
-                ..Default::default()
-            };
-            let conv = Conv2d::new(weight, Some(bias), cfg);
-            let xs = Tensor::randn(0f32, 1., (2, c_in, h, w), &dev).unwrap();
-            let ours = conv2d_forward(&conv, &xs).unwrap();
-            let theirs = conv.forward(&xs).unwrap();
-            assert_eq!(ours.dims(), theirs.dims());
-            let diff: f32 = (ours - theirs)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            assert!(diff < 1e-4, "k={k} s={stride} p={padding}: {diff}");
-        }
-    }
 
     fn t(data: &[f32], shape: (usize, usize, usize, usize)) -> Tensor {
         Tensor::from_slice(data, shape, &Device::Cpu).unwrap()

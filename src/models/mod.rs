@@ -3,6 +3,7 @@
 //! This layer knows candle (plus the gemm and rayon its CPU convolution uses) and nothing else:
 //! it is handed a `VarBuilder`, never opens a file, never touches async code or HTTP.
 
+pub mod cpu;
 pub mod googlenet;
 pub mod head;
 pub mod layers;
@@ -143,6 +144,54 @@ impl FromStr for Arch {
             .into_iter()
             .find(|a| a.name() == s)
             .ok_or_else(|| UnknownArch(s.to_string()))
+    }
+}
+
+/// The arithmetic a network's forward pass runs in: `--dtype`, defined once for every device.
+///
+/// `f32` is the default and the only one that is exact against PyTorch's f32. The others trade
+/// accuracy for speed where the hardware has them: `bf16` on CPUs with AVX512_BF16, and `tf32`,
+/// `bf16`, `f16` on CUDA GPUs. [`Precision::check`] says which this build runs on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Tf32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
+
+    /// Whether this build can run `self` on `device`; the error is a sentence for the user.
+    pub fn check(self, device: &candle_core::Device) -> std::result::Result<(), String> {
+        match (self, device.is_cpu()) {
+            (Precision::F32, _) => Ok(()),
+            (other, true) => Err(format!(
+                "--dtype {} is not available on the CPU in this build: the CPU kernels run f32 \
+                 (exact); use --dtype f32",
+                other.name()
+            )),
+            (other, false) => Err(format!(
+                "--dtype {} is not available on this device in this build; use --dtype f32",
+                other.name()
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -7,10 +7,11 @@
 //! `classifier.{0,3,6}`. Quirks kept: `AdaptiveAvgPool2d((7, 7))` before the classifier (overlapping
 //! windows for 256×256 input, repeated cells below 224×224), dropout 0.5 active only in training.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
-use super::layers::{self, ConvBn, ConvBnConfig};
+use super::cpu::{self, Act, CpuConv, Isa};
+use super::layers::{self, ConvBn, ConvBnConfig, MaxPool2d};
 
 /// One entry of torchvision's `cfgs`: a 3×3 convolution with this many output channels, or a 2×2 max-pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,17 +83,26 @@ impl VggConfig {
     }
 }
 
+/// One module of `features` (its ReLU fused): a convolution (batch norm folded in) or a max-pool.
 #[derive(Debug, Clone)]
-enum Feature {
-    Conv(Conv2d),
-    ConvBn(ConvBn),
+enum Feature<C> {
+    Conv(C),
     Pool,
+}
+
+/// The feature stack: candle's convolutions, or on the CPU in f32 the same ones packed for
+/// [`cpu`]'s kernels (the candle copies are dropped then, so the weights are held once).
+#[derive(Debug, Clone)]
+enum Features {
+    Candle(Vec<Feature<Conv2d>>),
+    Cpu(Vec<Feature<CpuConv>>),
 }
 
 /// torchvision's `VGG` module.
 #[derive(Debug, Clone)]
 pub struct Vgg {
-    features: Vec<Feature>,
+    features: Features,
+    last_channels: usize,
     classifier_0: Linear,
     classifier_3: Linear,
     classifier_6: Linear,
@@ -121,7 +131,7 @@ impl Vgg {
                     index += 1;
                 }
                 Stage::Conv(out_channels) if cfg.batch_norm => {
-                    features.push(Feature::ConvBn(ConvBn::new(
+                    let conv = ConvBn::new(
                         in_channels,
                         out_channels,
                         3,
@@ -132,7 +142,8 @@ impl Vgg {
                         },
                         features_vb.pp(index),
                         features_vb.pp(index + 1),
-                    )?));
+                    )?;
+                    features.push(Feature::Conv(conv.conv().clone()));
                     index += 3; // conv, bn, relu
                     in_channels = out_channels;
                 }
@@ -149,10 +160,20 @@ impl Vgg {
                 }
             }
         }
+        let features = if layers::uses_cpu_kernels(&vb) {
+            let packed = features.iter().map(|f| match f {
+                Feature::Conv(conv) => Ok(Feature::Conv(layers::cpu_conv(conv, None)?)),
+                Feature::Pool => Ok(Feature::Pool),
+            });
+            Features::Cpu(packed.collect::<Result<_>>()?)
+        } else {
+            Features::Candle(features)
+        };
         let flat = cfg.last_channels() * POOLED * POOLED;
         let classifier = vb.pp("classifier");
         Ok(Self {
             features,
+            last_channels: cfg.last_channels(),
             classifier_0: candle_nn::linear(flat, cfg.hidden, classifier.pp(0))?,
             classifier_3: candle_nn::linear(cfg.hidden, cfg.hidden, classifier.pp(3))?,
             classifier_6: candle_nn::linear(cfg.hidden, cfg.num_classes, classifier.pp(6))?,
@@ -162,15 +183,39 @@ impl Vgg {
     /// `features` + `avgpool` + `flatten`: what `classifier.0` reads, `[N, 512·7·7]`.
     pub fn pooled(&self, xs: &Tensor) -> Result<Tensor> {
         layers::check_input(xs, MIN_INPUT_SIDE)?;
+        let features = match &self.features {
+            Features::Cpu(features) => return cpu::in_pool(|| self.pooled_cpu(features, xs)),
+            Features::Candle(features) => features,
+        };
         let mut xs = xs.clone();
-        for layer in &self.features {
+        for layer in features {
             xs = match layer {
-                Feature::Conv(conv) => layers::conv2d_forward(conv, &xs)?.relu()?,
-                Feature::ConvBn(conv) => conv.forward(&xs)?.relu()?,
+                Feature::Conv(conv) => conv.forward(&xs)?.relu()?,
                 Feature::Pool => xs.max_pool2d(2)?,
             };
         }
         layers::flatten(&layers::adaptive_avg_pool2d(&xs, POOLED, POOLED)?)
+    }
+
+    /// [`Vgg::pooled`] through the CPU kernels, on NHWC maps from the first layer to the last.
+    fn pooled_cpu(&self, features: &[Feature<CpuConv>], xs: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = xs.dims4()?;
+        let data = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut act = Act::from_nchw(&data, n, c, h, w);
+        let isa = Isa::best();
+        for layer in features {
+            act = match layer {
+                Feature::Conv(conv) => {
+                    let (ho, wo) = conv.output_size(act.h, act.w);
+                    let mut out = Act::new(n, ho, wo, conv.c_out());
+                    conv.forward(isa, act.map(), out.map(), true);
+                    out
+                }
+                Feature::Pool => cpu::pool::max_pool(act.map(), &MaxPool2d::new(2, 2))?,
+            };
+        }
+        let flat = cpu::pool::adaptive_avg_pool_flat(act.map(), POOLED, POOLED);
+        Tensor::from_vec(flat, (n, self.last_channels * POOLED * POOLED), xs.device())
     }
 
     /// `classifier.0` … `classifier.4` on pooled features: the 4096-wide input of the last layer.

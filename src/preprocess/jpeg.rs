@@ -1146,7 +1146,7 @@ fn upsample_row(
     let row = |r: usize| &p.samples[r * p.stride..r * p.stride + p.ds_w];
     // For vertical 2:1, the nearest input row and the next nearest: the row above for even
     // output rows, below for odd ones, repeating the edge rows like jdmainct.c's context rows.
-    let (near, far) = if y % 2 == 0 {
+    let (near, far) = if y.is_multiple_of(2) {
         (y / 2, (y / 2).saturating_sub(1))
     } else {
         (y / 2, (y / 2 + 1).min(p.ds_h - 1))
@@ -1161,7 +1161,7 @@ fn upsample_row(
         }
         // h1v2_fancy_upsample (always fancy, and no SIMD version on x86 to differ from).
         (1, 2) => {
-            let bias = if y % 2 == 0 { 1 } else { 2 };
+            let bias = if y.is_multiple_of(2) { 1 } else { 2 };
             for ((o, &a), &b) in out.iter_mut().zip(row(near)).zip(row(far)) {
                 *o = ((i32::from(a) * 3 + i32::from(b) + bias) >> 2) as u8;
             }

@@ -1179,7 +1179,7 @@ impl<R: Read> Unpickler<'_, R> {
     }
 
     fn set_items(&mut self, items: Vec<Value>, at: u64, op: u8) -> Result<(), Fail> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.malformed(at, op, "odd number of keys and values"));
         }
         let mut pairs = Vec::with_capacity(items.len() / 2);

@@ -1,0 +1,221 @@
+//! The one matrix product every CPU convolution ends in: `C = A · B` with `B` packed once at load.
+//!
+//! Laid out as MLAS and BLIS lay theirs: `B` (the weights, `K × N`) is stored in panels of
+//! [`NR`] columns, each panel `K` rows of `NR` contiguous floats, zero-padded past `N`. `A` (the
+//! activations) is read in place, row by row with a stride, so an NHWC feature map *is* the `A`
+//! of a 1×1 convolution and the Winograd transform writes its `A` directly: nothing is packed per
+//! call. The microkernel keeps an `MR × NR` block of `C` in registers, broadcasting one element
+//! of `A` per row against one row of the panel; `K` is cut into [`KC`]-long slices so that a
+//! panel slice stays in L1 while the rows of `A` stream past it. Bias, ReLU and an accumulate
+//! into `C` are fused into the store of the last slice.
+//!
+//! Every element of `C` is summed in the same order whatever the thread count or the block it
+//! falls in, so results do not depend on how the work was split.
+
+use super::simd::Simd;
+
+/// Columns per panel: two AVX2 registers, one AVX-512 register.
+pub const NR: usize = 16;
+/// Length of the `K` slice one pass of the microkernel covers.
+pub const KC: usize = 256;
+
+/// `B` (`k × n`) in [`NR`]-wide panels.
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    /// Packs `B` given element by element: `b(row, col)` for `row < k`, `col < n`.
+    pub fn new(k: usize, n: usize, b: impl Fn(usize, usize) -> f32) -> Self {
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        for p in 0..panels {
+            for row in 0..k {
+                for j in 0..NR.min(n - p * NR) {
+                    data[(p * k + row) * NR + j] = b(row, p * NR + j);
+                }
+            }
+        }
+        Self { k, n, data }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn panels(&self) -> usize {
+        self.n.div_ceil(NR)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    fn panel(&self, p: usize) -> *const f32 {
+        self.data[p * self.k * NR..].as_ptr()
+    }
+}
+
+/// What happens to `C` as the product is stored.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue {
+    /// Added per column (`bias[col]`, indexed from column 0 of `B`); null for none. Must hold
+    /// a whole number of panels (zero-padded).
+    pub bias: *const f32,
+    pub relu: bool,
+    /// Add the product to what `C` holds instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl Epilogue {
+    pub const NONE: Epilogue = Epilogue {
+        bias: std::ptr::null(),
+        relu: false,
+        accumulate: false,
+    };
+}
+
+/// `C[rows × cols] = A[rows × k] · B[k × panels]` for the panels `panels` of `b`.
+///
+/// `a` points at row 0 of `A` (row `r` at `a + r·lda`); `c` at the element of row 0 in the first
+/// column of `panels.start` (row `r` at `c + r·ldc`). Columns past `b.n()` are not stored.
+///
+/// # Safety
+/// The pointers must cover what the shapes say, and the CPU must have `S`'s instruction set.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm<S: Simd, const MR: usize, const NV: usize>(
+    rows: usize,
+    a: *const f32,
+    lda: usize,
+    b: &PackedB,
+    panels: std::ops::Range<usize>,
+    c: *mut f32,
+    ldc: usize,
+    ep: Epilogue,
+) {
+    debug_assert_eq!(NV * S::LANES, NR);
+    let k = b.k;
+    if k == 0 {
+        return;
+    }
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = KC.min(k - k0);
+        let (first, last) = (k0 == 0, k0 + kc == k);
+        let step = Epilogue {
+            bias: if last { ep.bias } else { std::ptr::null() },
+            relu: last && ep.relu,
+            accumulate: !first || ep.accumulate,
+        };
+        for (i, p) in panels.clone().enumerate() {
+            let bp = b.panel(p).add(k0 * NR);
+            let cols = NR.min(b.n - p * NR);
+            let bias = if step.bias.is_null() {
+                step.bias
+            } else {
+                step.bias.add(p * NR)
+            };
+            let mut r0 = 0;
+            while r0 < rows {
+                let mr = MR.min(rows - r0);
+                microkernel::<S, MR, NV>(
+                    kc,
+                    a.add(r0 * lda + k0),
+                    lda,
+                    mr,
+                    bp,
+                    c.add(r0 * ldc + i * NR),
+                    ldc,
+                    cols,
+                    Epilogue { bias, ..step },
+                );
+                r0 += MR;
+            }
+        }
+        k0 += kc;
+    }
+}
+
+/// One `mr × cols` block of `C` (at most `MR × NR`) over a `kc`-long slice.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn microkernel<S: Simd, const MR: usize, const NV: usize>(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    mr: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    ep: Epilogue,
+) {
+    let mut rows = [a; MR];
+    for (i, row) in rows.iter_mut().enumerate() {
+        // Rows past `mr` repeat the last real one; their results are not stored.
+        *row = a.add(i.min(mr - 1) * lda);
+    }
+    let mut acc = [[S::zero(); NV]; MR];
+    for p in 0..kc {
+        let mut bv = [S::zero(); NV];
+        for (v, slot) in bv.iter_mut().enumerate() {
+            *slot = S::load(b.add(p * NR + v * S::LANES));
+        }
+        for i in 0..MR {
+            let av = S::splat(*rows[i].add(p));
+            for v in 0..NV {
+                acc[i][v] = S::fma(av, bv[v], acc[i][v]);
+            }
+        }
+    }
+    if mr == MR && cols == NR {
+        for (i, row) in acc.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                let dst = c.add(i * ldc + v * S::LANES);
+                let mut x = x;
+                if ep.accumulate {
+                    x = S::add(x, S::load(dst));
+                }
+                if !ep.bias.is_null() {
+                    x = S::add(x, S::load(ep.bias.add(v * S::LANES)));
+                }
+                if ep.relu {
+                    x = S::max(x, S::zero());
+                }
+                S::store(dst, x);
+            }
+        }
+    } else {
+        let mut tmp = [[0f32; NR]; MR];
+        for (i, row) in acc.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                S::store(tmp[i].as_mut_ptr().add(v * S::LANES), x);
+            }
+        }
+        for (i, row) in tmp.iter().enumerate().take(mr) {
+            for (j, &x) in row.iter().enumerate().take(cols) {
+                let dst = c.add(i * ldc + j);
+                let mut x = x;
+                if ep.accumulate {
+                    x += *dst;
+                }
+                if !ep.bias.is_null() {
+                    x += *ep.bias.add(j);
+                }
+                if ep.relu {
+                    x = x.max(0.0);
+                }
+                *dst = x;
+            }
+        }
+    }
+}
