@@ -539,20 +539,26 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_requests_are_batched() {
+async fn images_waiting_for_a_busy_worker_run_as_one_batch() {
     let app = app_with(
         EngineConfig {
             max_batch_size: 8,
-            max_batch_delay: Duration::from_millis(400),
+            max_batch_delay: Duration::ZERO,
             ..EngineConfig::default()
         },
         1 << 24,
     );
-    let requests = (0..6).map(|i| {
-        let router = app.router.clone();
-        let bytes = image(["img0.jpg", "img1.jpg", "img4.jpg"][i % 3]);
-        tokio::spawn(async move { send(&router, raw("/predict", "image/jpeg", bytes)).await.0 })
-    });
+    // The worker is busy (held) while six requests arrive; then all six are waiting.
+    let hold = app.state.engine.hold("googlenet").unwrap();
+    let requests: Vec<_> = (0..6)
+        .map(|i| {
+            let router = app.router.clone();
+            let bytes = image(["img0.jpg", "img1.jpg", "img4.jpg"][i % 3]);
+            tokio::spawn(async move { send(&router, raw("/predict", "image/jpeg", bytes)).await.0 })
+        })
+        .collect();
+    wait_for_queue_depth(&app.router, 6).await;
+    drop(hold);
     for status in futures_util::future::join_all(requests).await {
         assert_eq!(status.unwrap(), StatusCode::OK);
     }
@@ -561,10 +567,7 @@ async fn concurrent_requests_are_batched() {
     let batches = metric(text, r#"cnnserve_batch_size_count{model="googlenet"}"#);
     let images = metric(text, r#"cnnserve_batch_size_sum{model="googlenet"}"#);
     assert_eq!(images, 6.0);
-    assert!(
-        batches < 6.0,
-        "6 concurrent images ran in {batches} batches"
-    );
+    assert_eq!(batches, 1.0, "6 waiting images ran in {batches} batches");
     assert_eq!(
         metric(text, r#"cnnserve_queue_depth{model="googlenet"}"#),
         0.0
@@ -572,15 +575,39 @@ async fn concurrent_requests_are_batched() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_request_over_the_concurrency_limit_is_answered_429_at_once() {
+async fn a_lone_request_does_not_wait_for_the_batch_delay() {
     let app = app_with(
         EngineConfig {
-            max_concurrent_requests: 1,
-            max_batch_delay: Duration::from_millis(1500),
+            max_batch_delay: Duration::from_secs(120),
             ..EngineConfig::default()
         },
         1 << 24,
     );
+    let answered = tokio::time::timeout(
+        Duration::from_secs(60),
+        send(
+            &app.router,
+            raw("/predict", "image/jpeg", image("img1.jpg")),
+        ),
+    )
+    .await
+    .expect("a lone request waited for the 120 s batch delay");
+    let (status, headers, _) = answered;
+    assert_eq!(status, StatusCode::OK);
+    let queued: f64 = headers["x-queue-time"].to_str().unwrap().parse().unwrap();
+    assert!(queued < 60_000.0, "queued {queued} ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_over_the_concurrency_limit_is_answered_429_at_once() {
+    let app = app_with(
+        EngineConfig {
+            max_concurrent_requests: 1,
+            ..EngineConfig::default()
+        },
+        1 << 24,
+    );
+    let hold = app.state.engine.hold("googlenet").unwrap();
     let router = app.router.clone();
     let first = tokio::spawn(async move {
         send(&router, raw("/predict", "image/jpeg", image("img1.jpg")))
@@ -595,6 +622,7 @@ async fn a_request_over_the_concurrency_limit_is_answered_429_at_once() {
     )
     .await;
     assert_error(s, &j, StatusCode::TOO_MANY_REQUESTS, "overloaded");
+    drop(hold);
     assert_eq!(first.await.unwrap(), StatusCode::OK);
     let (s, _, _) = send(
         &app.router,
@@ -669,29 +697,25 @@ async fn real_server_swaps_a_model_under_load_and_shuts_down_gracefully() {
 }
 
 async fn wait_for_queued(router: &Router) {
-    for _ in 0..300 {
+    wait_for_queue_depth(router, 1).await
+}
+
+async fn wait_for_queue_depth(router: &Router, depth: usize) {
+    let line = format!(r#"cnnserve_queue_depth{{model="googlenet"}} {depth}"#);
+    for _ in 0..1000 {
         let (_, text) = get(router, "/metrics").await;
-        if text
-            .as_str()
-            .unwrap()
-            .contains(r#"cnnserve_queue_depth{model="googlenet"} 1"#)
-        {
+        if text.as_str().unwrap().lines().any(|l| l == line) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("the request never reached the queue");
+    panic!("the queue never held {depth} images");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn graceful_shutdown_lets_a_request_in_flight_finish() {
-    let app = app_with(
-        EngineConfig {
-            max_batch_delay: Duration::from_millis(800),
-            ..EngineConfig::default()
-        },
-        1 << 24,
-    );
+    let app = app_with(EngineConfig::default(), 1 << 24);
+    let hold = app.state.engine.hold("googlenet").unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -707,6 +731,9 @@ async fn graceful_shutdown_lets_a_request_in_flight_finish() {
     });
     wait_for_queued(&app.router).await;
     stop.send(()).unwrap();
+    // Shutdown has begun with the request still waiting for its forward pass.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(hold);
     assert_eq!(in_flight.await.unwrap(), 200);
     server.await.unwrap().unwrap();
     assert!(

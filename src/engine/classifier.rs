@@ -52,7 +52,14 @@ impl Classifier {
         file: &Path,
         device: &Device,
     ) -> Result<Self, WeightsError> {
-        let network = weights::load_network(arch, file, device)?;
+        // Hashing reads the file a second time: let it run beside the load, not after it.
+        let (network, sha256) = std::thread::scope(|s| {
+            let hash = s.spawn(|| sha256_file(file));
+            let network = weights::load_network(arch, file, device);
+            let sha256 = hash.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (network, sha256)
+        });
+        let (network, sha256) = (network?, sha256?);
         let labels = if network.num_classes() == 1000 {
             imagenet_labels()
         } else {
@@ -67,7 +74,7 @@ impl Classifier {
             labels,
             transform: Transform::Imagenet,
             file: file.to_path_buf(),
-            sha256: sha256_file(file)?,
+            sha256,
             loaded_at: Utc::now(),
             meta: None,
             network: Arc::new(network),

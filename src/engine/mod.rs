@@ -116,7 +116,10 @@ pub struct Predicted {
 struct Slot {
     classifier: Arc<Classifier>,
     queue: mpsc::Sender<worker::Job>,
+    shared: Arc<worker::Shared>,
 }
+
+pub use worker::Hold;
 
 struct Inner {
     config: EngineConfig,
@@ -167,15 +170,18 @@ impl Engine {
                 };
                 let metrics = self.inner.metrics.clone();
                 let name = classifier.name.clone();
+                let shared = Arc::new(worker::Shared::default());
+                let worker_shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("model-{name}"))
-                    .spawn(move || worker::run(name, jobs, policy, metrics))
+                    .spawn(move || worker::run(name, jobs, policy, worker_shared, metrics))
                     .expect("spawning a model worker thread");
                 models.insert(
                     classifier.name.clone(),
                     Slot {
                         classifier: classifier.clone(),
                         queue,
+                        shared,
                     },
                 );
             }
@@ -188,6 +194,13 @@ impl Engine {
     pub fn remove(&self, name: &str) -> Option<Arc<Classifier>> {
         let mut models = self.inner.models.write().expect("model registry lock");
         models.remove(name).map(|slot| slot.classifier)
+    }
+
+    /// Holds model `name`'s worker before its next batch until the guard is dropped: images
+    /// queue up meanwhile. A test aid, for seeing requests wait without relying on timing.
+    pub fn hold(&self, name: &str) -> Option<Hold> {
+        let models = self.inner.models.read().expect("model registry lock");
+        models.get(name).map(|slot| slot.shared.hold())
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Classifier>> {
@@ -232,10 +245,14 @@ impl Engine {
         if images.is_empty() {
             return Err(EngineError::NoImage);
         }
-        let (classifier, queue) = {
+        let (classifier, queue, incoming) = {
             let models = self.inner.models.read().expect("model registry lock");
             let slot = models.get(name).ok_or_else(|| self.unknown(name))?;
-            (slot.classifier.clone(), slot.queue.clone())
+            (
+                slot.classifier.clone(),
+                slot.queue.clone(),
+                slot.shared.incoming(),
+            )
         };
         let transform = classifier.transform;
         let max_pixels = self.inner.config.max_pixels;
@@ -272,6 +289,7 @@ impl Engine {
             }
             replies.push(answer);
         }
+        drop(incoming);
         let mut probabilities = Vec::with_capacity(replies.len());
         let (mut queue_time, mut inference_time) = (Duration::ZERO, Duration::ZERO);
         for answer in replies {

@@ -2,9 +2,14 @@
 //!
 //! Each queued image carries the classifier it was admitted with, so a model swapped while images
 //! wait never mixes: a batch only ever groups images of the same classifier and input size.
+//!
+//! An image that finds the worker idle runs at once. The batch delay is spent only while other
+//! requests for the same model are on their way (admitted and still being decoded): those are
+//! worth waiting for; a lone request is not.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -37,16 +42,107 @@ pub struct BatchPolicy {
     pub device: candle_core::Device,
 }
 
-pub fn run(name: String, queue: Receiver<Job>, policy: BatchPolicy, metrics: Arc<Metrics>) {
+/// What the requests of one model share with its worker.
+#[derive(Default)]
+pub struct Shared {
+    /// Requests admitted for this model whose images are not queued yet (being decoded).
+    pub incoming: AtomicUsize,
+    gate: Gate,
+}
+
+impl Shared {
+    /// Counts a request as on its way until the returned guard is dropped.
+    pub fn incoming(self: &Arc<Self>) -> IncomingGuard {
+        self.incoming.fetch_add(1, Ordering::SeqCst);
+        IncomingGuard(self.clone())
+    }
+
+    /// Stops the worker before its next batch until the returned guard is dropped.
+    pub fn hold(self: &Arc<Self>) -> Hold {
+        *self.gate.held.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        Hold(self.clone())
+    }
+}
+
+pub struct IncomingGuard(Arc<Shared>);
+
+impl Drop for IncomingGuard {
+    fn drop(&mut self) {
+        self.0.incoming.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Default)]
+struct Gate {
+    held: Mutex<usize>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn wait_open(&self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while *held > 0 {
+            held = self.opened.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// A model's worker held before its next batch (see [`super::Engine::hold`]); dropping it lets
+/// the worker go on.
+#[must_use = "the worker is held only while the guard lives"]
+pub struct Hold(Arc<Shared>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let gate = &self.0.gate;
+        *gate.held.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        gate.opened.notify_all();
+    }
+}
+
+/// How long a worker stays idle before the feature-map buffers are given back to the system.
+const IDLE_RELEASE: Duration = Duration::from_secs(2);
+
+pub fn run(
+    name: String,
+    queue: Receiver<Job>,
+    policy: BatchPolicy,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+) {
     let label = Metrics::model(&name);
-    while let Ok(first) = queue.recv() {
+    loop {
+        let first = match queue.recv_timeout(IDLE_RELEASE) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => {
+                crate::models::cpu::release_buffers();
+                match queue.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        shared.gate.wait_open();
         let mut batch = vec![first];
-        let deadline = Instant::now() + policy.max_batch_delay;
+        // Everything already waiting joins at once.
         while batch.len() < policy.max_batch_size {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match queue.recv_timeout(left) {
+            match queue.try_recv() {
                 Ok(job) => batch.push(job),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        // More only while requests for this model are still on their way.
+        let deadline = Instant::now() + policy.max_batch_delay;
+        while batch.len() < policy.max_batch_size && shared.incoming.load(Ordering::SeqCst) > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match queue.recv_timeout(left.min(Duration::from_millis(1))) {
+                Ok(job) => batch.push(job),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
             }
         }
         metrics
