@@ -41,8 +41,12 @@ wait_healthy() {
   return 1
 }
 
+post() { curl -sf --data-binary @"$image" -H 'content-type: image/jpeg' "$1" >/dev/null; }
+
 load() { # server model url
-  for _ in 1 2 3; do curl -sf --data-binary @"$image" -H 'content-type: image/jpeg' "$3" >/dev/null; done
+  # The model may still be loading after /health turns 200 (another one came first).
+  for _ in $(seq 300); do post "$3" && break; sleep 0.2; done
+  post "$3" && post "$3"
   local result
   result=$(bash "$shared_bench/loadtest.sh" "$3" "$image" "$conns" "$secs")
   echo "$result" | python3 -c "

@@ -89,6 +89,11 @@ pub struct ServeArgs {
     /// Threads one training may use (default: half the cores), so /predict stays responsive.
     #[arg(long, env = "CNNSERVE_TRAINING_THREADS")]
     pub training_threads: Option<usize>,
+    /// Arithmetic of the forward passes: f32 (exact; the CPU's only one in this build), or
+    /// tf32 / bf16 / f16 where the device has them. A combination the device lacks stops the
+    /// start with a message.
+    #[arg(long, value_enum, default_value_t = Precision::F32, env = "CNNSERVE_DTYPE")]
+    pub dtype: Precision,
 }
 
 /// `20MB`, `1GiB`, `512k`, `1000`: decimal and binary units, bytes when bare.
@@ -508,6 +513,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use crate::server::{self, AppState, ServerConfig};
 
     let device = parse_device(&args.device)?;
+    args.dtype.check(&device).map_err(anyhow::Error::msg)?;
     let dir = args.weights_dir.clone();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the weights dir {}", dir.display()))?;

@@ -186,3 +186,56 @@ fn a_torchvision_file_name_says_the_architecture_and_bad_images_fail_the_command
     );
     assert!(stderr.contains("1 of 2 images"), "{stderr}");
 }
+
+#[test]
+fn bench_prints_one_json_line_per_batch_size_with_its_timings() {
+    let weights = common::fixtures().join("googlenet/weights.safetensors");
+    let out = cnnserve()
+        .args([
+            "bench",
+            "--model",
+            "googlenet",
+            "--batch",
+            "1,3",
+            "--size",
+            "64",
+        ])
+        .args(["--iters", "4", "--warmup", "1", "--weights"])
+        .arg(&weights)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (line, batch) in lines.iter().zip([1.0, 3.0]) {
+        assert_eq!(line["model"], "googlenet");
+        assert_eq!(line["dtype"], "f32");
+        assert_eq!(line["batch"].as_f64(), Some(batch));
+        assert_eq!(line["iters"].as_f64(), Some(4.0));
+        let (min, median, max) = (
+            line["ms_min"].as_f64().unwrap(),
+            line["ms_median"].as_f64().unwrap(),
+            line["ms_max"].as_f64().unwrap(),
+        );
+        assert!(0.0 < min && min <= median && median <= max, "{line}");
+        let per_s = line["images_per_s"].as_f64().unwrap();
+        assert!(
+            (per_s - batch * 1e3 / median).abs() <= 0.01 * per_s + 0.01,
+            "{line}"
+        );
+    }
+    let refused = cnnserve()
+        .args(["bench", "--dtype", "f16", "--weights"])
+        .arg(&weights)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--dtype f16 is not available"));
+}

@@ -293,6 +293,37 @@ fn asking_for_cuda_in_a_cpu_build_says_how_to_get_it() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown device"));
 }
 
+#[test]
+fn a_dtype_the_device_cannot_run_stops_the_start_with_a_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cnnserve()
+        .args([
+            "--dtype",
+            "bf16",
+            "--offline",
+            "--addr",
+            "127.0.0.1:0",
+            "--weights-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--dtype bf16 is not available on the CPU")
+            && stderr.contains("--dtype f32"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("stack backtrace"), "{stderr}");
+    let bad = cnnserve().args(["--dtype", "f64"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("invalid value 'f64'") && stderr.contains("f32"),
+        "{stderr}"
+    );
+}
+
 fn get_json(url: &str) -> serde_json::Value {
     let text = ureq::get(url)
         .call()

@@ -11,6 +11,7 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use rayon::prelude::*;
 
 use super::cpu::{self, Act, ConvKind, CpuConv, Isa};
 use super::layers::{self, ConvBn, ConvBnConfig, MaxPool2d};
@@ -258,7 +259,7 @@ impl CpuBody {
             conv3: layers::cpu_conv(body.conv3.0.conv(), None)?,
             inceptions: body
                 .inceptions()
-                .iter()
+                .par_iter()
                 .map(|b| CpuInception::new(b))
                 .collect::<Result<_>>()?,
         })

@@ -93,6 +93,9 @@ pub fn read_tensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             };
+            if device.is_cpu() {
+                return read_safetensors_cpu(path);
+            }
             // SAFETY: the map is read-only and dropped before we return; a file truncated
             // underneath us could fault, as with any mmap-based reader (candle's own included).
             let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
@@ -109,6 +112,40 @@ pub fn read_tensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)
         }
         FileFormat::PthZip | FileFormat::PthLegacy => pth::read_pth(path, device),
     }
+}
+
+/// A safetensors file's tensors on the CPU. f32 tensors (nearly all of a torchvision file) are
+/// copied once into huge-page-backed memory, which saves most of the page faults that a load of
+/// hundreds of MB otherwise spends; other dtypes go through candle.
+fn read_safetensors_cpu(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsError> {
+    let format = |reason: String| WeightsError::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: read-only and dropped before we return; a file truncated underneath us could
+    // fault, as with any mmap-based reader (candle's own included).
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| format(e.to_string()))?;
+    let mut views = st.tensors();
+    views.sort_by(|a, b| a.0.cmp(&b.0));
+    views
+        .into_iter()
+        .map(|(name, view)| {
+            let shape = view.shape().to_vec();
+            let tensor = if view.dtype() == safetensors::Dtype::F32 {
+                let data = crate::models::cpu::f32_from_le_bytes(view.data());
+                Tensor::from_vec(data, shape, &Device::Cpu)
+            } else {
+                candle_core::safetensors::Load::load(&view, &Device::Cpu)
+            };
+            let tensor = tensor.map_err(|e| format(format!("{name}: {e}")))?;
+            Ok((name, tensor))
+        })
+        .collect()
 }
 
 /// Float tensors become f32 (f16/bf16/f64 checkpoints load like f32 ones); integer ones stay.

@@ -573,22 +573,29 @@ fn transform_kernels(weight: &[f32], c_out: usize, c_in: usize) -> Vec<PackedB> 
         [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
         [0.0, 0.0, 1.0],
     ];
-    let mut u = vec![0f32; c_out * c_in * 36];
-    for (pair, g) in weight.chunks_exact(9).enumerate() {
-        let mut gg = [[0f64; 3]; 6];
-        for (i, row) in gg.iter_mut().enumerate() {
-            for (j, slot) in row.iter_mut().enumerate() {
-                *slot = (0..3).map(|k| G[i][k] * g[k * 3 + j] as f64).sum();
+    // u[ci][ξ][co]: each input channel's rows in one chunk, so the channels transform in
+    // parallel and the packing below reads whole rows.
+    let mut u = super::zeroed(c_in * 36 * c_out);
+    u.par_chunks_mut(36 * c_out)
+        .enumerate()
+        .for_each(|(ci, rows)| {
+            for co in 0..c_out {
+                let g = &weight[(co * c_in + ci) * 9..][..9];
+                let mut gg = [[0f64; 3]; 6];
+                for (i, row) in gg.iter_mut().enumerate() {
+                    for (j, slot) in row.iter_mut().enumerate() {
+                        *slot = (0..3).map(|k| G[i][k] * g[k * 3 + j] as f64).sum();
+                    }
+                }
+                for i in 0..6 {
+                    for j in 0..6 {
+                        let v: f64 = (0..3).map(|k| gg[i][k] * G[j][k]).sum();
+                        rows[(i * 6 + j) * c_out + co] = v as f32;
+                    }
+                }
             }
-        }
-        for i in 0..6 {
-            for j in 0..6 {
-                let v: f64 = (0..3).map(|k| gg[i][k] * G[j][k]).sum();
-                u[pair * 36 + i * 6 + j] = v as f32;
-            }
-        }
-    }
+        });
     (0..36)
-        .map(|xi| PackedB::new(c_in, c_out, |ci, co| u[(co * c_in + ci) * 36 + xi]))
+        .map(|xi| PackedB::from_rows(c_in, c_out, |ci| &u[(ci * 36 + xi) * c_out..][..c_out]))
         .collect()
 }

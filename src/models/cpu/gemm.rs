@@ -28,16 +28,40 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    /// Packs `B` given element by element: `b(row, col)` for `row < k`, `col < n`.
-    pub fn new(k: usize, n: usize, b: impl Fn(usize, usize) -> f32) -> Self {
+    /// Packs `B` given element by element: `b(row, col)` for `row < k`, `col < n`; panels are
+    /// filled in parallel.
+    pub fn new(k: usize, n: usize, b: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        use rayon::prelude::*;
         let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
-        for p in 0..panels {
-            for row in 0..k {
-                for j in 0..NR.min(n - p * NR) {
-                    data[(p * k + row) * NR + j] = b(row, p * NR + j);
-                }
-            }
+        let mut data = super::zeroed(panels * k * NR);
+        if k > 0 {
+            data.par_chunks_mut(k * NR)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    for (row, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                        for (j, slot) in dst.iter_mut().enumerate().take(n - p * NR) {
+                            *slot = b(row, p * NR + j);
+                        }
+                    }
+                });
+        }
+        Self { k, n, data }
+    }
+
+    /// Packs `B` given row by row: `row(r)` is row `r`, `n` floats.
+    pub fn from_rows<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Self {
+        use rayon::prelude::*;
+        let panels = n.div_ceil(NR);
+        let mut data = super::zeroed(panels * k * NR);
+        if k > 0 {
+            data.par_chunks_mut(k * NR)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    let cols = NR.min(n - p * NR);
+                    for (r, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                        dst[..cols].copy_from_slice(&row(r)[p * NR..p * NR + cols]);
+                    }
+                });
         }
         Self { k, n, data }
     }

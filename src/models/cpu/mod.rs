@@ -295,11 +295,71 @@ fn give_buffer(buf: Vec<f32>) {
     }
 }
 
-/// Frees the pooled feature-map buffers (a model worker does when every model is idle, so an
-/// idle server holds its weights and little else).
+/// `len` zeros in memory whose pages are all mapped in one call: weights run to hundreds of MB,
+/// and faulting them in 4 KiB at a time is most of a model's load time.
+pub fn zeroed(len: usize) -> Vec<f32> {
+    let mut v = populated(len);
+    v.resize(len, 0.0);
+    v
+}
+
+/// Little-endian f32 bytes (a weights file's tensor) as floats, in pre-populated memory.
+pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    let len = bytes.len() / 4;
+    let mut v = populated(len);
+    if cfg!(target_endian = "little") {
+        // SAFETY: `v` has room for `len` floats, every byte of which is written before set_len.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), len * 4);
+            v.set_len(len);
+        }
+    } else {
+        v.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+    }
+    v
+}
+
+/// An empty vector with room for `len` floats whose pages are already mapped (Linux 5.14+;
+/// elsewhere, or when refused, they fault in as usual).
+fn populated(len: usize) -> Vec<f32> {
+    let v: Vec<f32> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    if len * 4 >= 1 << 20 {
+        const PAGE: usize = 4096;
+        let start = (v.as_ptr() as usize).next_multiple_of(PAGE);
+        let end = (v.as_ptr() as usize + len * 4) & !(PAGE - 1);
+        if end > start {
+            // SAFETY: whole pages inside our own allocation; the kernel only maps them.
+            unsafe {
+                libc::madvise(
+                    start as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_POPULATE_WRITE,
+                );
+            }
+        }
+    }
+    v
+}
+
+/// Frees the pooled feature-map buffers and every pool thread's scratch, and hands free heap
+/// memory back to the system (a model worker does this when it goes idle, so an idle server
+/// holds its weights and little else).
 pub fn release_buffers() {
     let freed = std::mem::take(&mut *pool());
     drop(freed);
+    rayon::broadcast(|_| {
+        SCRATCH.with(|s| *s.borrow_mut() = [Vec::new(), Vec::new()]);
+    });
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of glibc's heaps to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Runs `f` on a thread of the current rayon pool, so that the parallel regions inside it are
