@@ -146,7 +146,8 @@ fn every_convolution_path_equals_candles_on_random_shapes_for_each_instruction_s
             kinds.push(ConvKind::Pointwise);
         }
         if k == 3 && case.stride == 1 && case.padding == 1 {
-            kinds.push(ConvKind::Winograd);
+            kinds.push(ConvKind::WinogradF43);
+            kinds.push(ConvKind::WinogradF23);
         }
         for kind in kinds {
             let conv = CpuConv::new(
@@ -164,7 +165,7 @@ fn every_convolution_path_equals_candles_on_random_shapes_for_each_instruction_s
                 assert_eq!(got.dims(), expected.dims());
                 let diff = max_abs(&(&got - &expected).unwrap());
                 // Winograd F(4,3) rounds a little more than a direct sum.
-                let tolerance = if kind == ConvKind::Winograd {
+                let tolerance = if kind == ConvKind::WinogradF43 {
                     2e-5
                 } else {
                     5e-6
@@ -246,7 +247,11 @@ fn results_do_not_depend_on_the_thread_count() {
     let x = random(&mut rng, n * c_in * h * w);
     let weight = random(&mut rng, c_out * c_in * 9);
     let bias = random(&mut rng, c_out);
-    for kind in [ConvKind::Winograd, ConvKind::Im2col] {
+    for kind in [
+        ConvKind::WinogradF43,
+        ConvKind::WinogradF23,
+        ConvKind::Im2col,
+    ] {
         let conv = CpuConv::new(&weight, &bias, c_out, c_in, 3, 1, 1, Some(kind));
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()

@@ -23,8 +23,24 @@ pub enum ConvKind {
     Pointwise,
     /// Any kernel, stride and padding: patches gathered per block of output pixels.
     Im2col,
-    /// 3×3, stride 1, padding 1: Winograd F(4,3).
-    Winograd,
+    /// 3×3, stride 1, padding 1: Winograd F(4,3), 4×4 outputs from 36 products per channel
+    /// pair (a quarter of the direct product's) with the kernels held 4× as large.
+    WinogradF43,
+    /// 3×3, stride 1, padding 1: Winograd F(2,3), 2×2 outputs from 16 products per channel
+    /// pair (4/9 of the direct product's) with the kernels held 16/9 as large: for small maps,
+    /// which F(4,3)'s tiles would overhang, or where memory counts.
+    WinogradF23,
+}
+
+impl ConvKind {
+    /// Output tile side and input tile side of a Winograd kind.
+    fn winograd_tile(self) -> Option<(usize, usize)> {
+        match self {
+            ConvKind::WinogradF43 => Some((4, 6)),
+            ConvKind::WinogradF23 => Some((2, 4)),
+            ConvKind::Pointwise | ConvKind::Im2col => None,
+        }
+    }
 }
 
 /// Output pixels per im2col / pointwise job, tiles per Winograd job (at most).
@@ -44,7 +60,7 @@ pub struct CpuConv {
     kind: ConvKind,
     /// `[K × C_out]` with `K` ordered (ky, kx, c_in); empty for Winograd.
     packed: Option<PackedB>,
-    /// The 36 transformed kernels, `[C_in × C_out]` each.
+    /// The transformed kernels (36 for F(4,3), 16 for F(2,3)), `[C_in × C_out]` each.
     winograd: Vec<PackedB>,
     /// Zero-padded to whole panels.
     bias: Vec<f32>,
@@ -69,12 +85,12 @@ impl CpuConv {
         let winograd_ok = kernel == 3 && stride == 1 && padding == 1;
         let pointwise_ok = kernel == 1 && stride == 1 && padding == 0;
         let kind = match kind {
-            Some(ConvKind::Winograd) => {
+            Some(kind @ (ConvKind::WinogradF43 | ConvKind::WinogradF23)) => {
                 assert!(
                     winograd_ok,
-                    "Winograd F(4,3) needs a 3×3, stride-1, padding-1 kernel"
+                    "Winograd F(m,3) needs a 3×3, stride-1, padding-1 kernel"
                 );
-                ConvKind::Winograd
+                kind
             }
             Some(ConvKind::Pointwise) => {
                 assert!(
@@ -85,12 +101,13 @@ impl CpuConv {
             }
             Some(ConvKind::Im2col) => ConvKind::Im2col,
             None if pointwise_ok => ConvKind::Pointwise,
-            None if winograd_ok && c_in >= WINOGRAD_MIN_CHANNELS => ConvKind::Winograd,
+            None if winograd_ok && c_in >= WINOGRAD_MIN_CHANNELS => ConvKind::WinogradF43,
             None => ConvKind::Im2col,
         };
         let kk = kernel * kernel;
-        let (packed, winograd) = if kind == ConvKind::Winograd {
-            (None, transform_kernels(weight, c_out, c_in))
+        let (packed, winograd) = if let Some((_, alpha)) = kind.winograd_tile() {
+            let g: &[[f64; 3]] = if alpha == 6 { &F43::G } else { &F23::G };
+            (None, transform_kernels(weight, c_out, c_in, g))
         } else {
             let packed = PackedB::new(kk * c_in, c_out, |row, co| {
                 let (tap, ci) = (row / c_in, row % c_in);
@@ -168,9 +185,9 @@ impl CpuConv {
             "output shape"
         );
         let panels = self.c_out.div_ceil(NR);
-        let (rows, block) = match self.kind {
-            ConvKind::Winograd => (output.n * ho.div_ceil(4) * wo.div_ceil(4), TILE_BLOCK),
-            ConvKind::Pointwise | ConvKind::Im2col => (output.pixels(), ROW_BLOCK),
+        let (rows, block) = match self.kind.winograd_tile() {
+            Some((m, _)) => (output.n * ho.div_ceil(m) * wo.div_ceil(m), TILE_BLOCK),
+            None => (output.pixels(), ROW_BLOCK),
         };
         let (row_block, per_job) = split(rows, panels, block);
         ConvRun {
@@ -256,10 +273,10 @@ impl ConvRun<'_> {
         let panels = conv.c_out.div_ceil(NR);
         let p = cb * self.per_job..((cb + 1) * self.per_job).min(panels);
         let (isa, input, output) = (self.isa, self.input, self.output);
-        if conv.kind == ConvKind::Winograd {
-            let (th, tw) = (output.h.div_ceil(4), output.w.div_ceil(4));
-            let width = p.len() * NR;
-            with_scratch(36 * r * conv.c_in, 36 * r * width, |v, m| {
+        if let Some((tile, alpha)) = conv.kind.winograd_tile() {
+            let (th, tw) = (output.h.div_ceil(tile), output.w.div_ceil(tile));
+            let (points, width) = (alpha * alpha, p.len() * NR);
+            with_scratch(points * r * conv.c_in, points * r * width, |v, m| {
                 // SAFETY: scratch sized above; the job writes its own tiles × channels.
                 unsafe {
                     winograd_job(
@@ -367,7 +384,7 @@ unsafe fn winograd_generic<S: Simd, const MR: usize, const NV: usize>(
     conv: &CpuConv,
     input: Map,
     output: Map,
-    (th, tw): (usize, usize),
+    tiles_hw: (usize, usize),
     t0: usize,
     t: usize,
     panels: std::ops::Range<usize>,
@@ -375,7 +392,41 @@ unsafe fn winograd_generic<S: Simd, const MR: usize, const NV: usize>(
     v: *mut f32,
     m: *mut f32,
 ) {
+    let args = (conv, input, output, tiles_hw, t0, t, panels, relu, v, m);
+    if conv.kind == ConvKind::WinogradF23 {
+        winograd_tiles::<S, MR, NV, F23, 4, 2>(args)
+    } else {
+        winograd_tiles::<S, MR, NV, F43, 6, 4>(args)
+    }
+}
+
+type JobArgs<'a> = (
+    &'a CpuConv,
+    Map,
+    Map,
+    (usize, usize),
+    usize,
+    usize,
+    std::ops::Range<usize>,
+    bool,
+    *mut f32,
+    *mut f32,
+);
+
+/// [`winograd_generic`] for one algorithm: `A`-point input tiles, `M`-point output tiles.
+#[inline(always)]
+unsafe fn winograd_tiles<
+    S: Simd,
+    const MR: usize,
+    const NV: usize,
+    T: Tile<A, M>,
+    const A: usize,
+    const M: usize,
+>(
+    (conv, input, output, (th, tw), t0, t, panels, relu, v, m): JobArgs,
+) {
     let cin = conv.c_in;
+    let points = A * A;
     let tile = |i: usize| {
         let g = t0 + i;
         (g / (th * tw), (g / tw) % th, g % tw)
@@ -385,17 +436,17 @@ unsafe fn winograd_generic<S: Simd, const MR: usize, const NV: usize>(
         let (img, ty, tx) = tile(i);
         let mut c = 0;
         while c + S::LANES <= cin {
-            input_tile::<S>(input, img, ty, tx, c, v.add(i * cin + c), t * cin);
+            input_tile::<S, T, A, M>(input, img, ty, tx, c, v.add(i * cin + c), t * cin);
             c += S::LANES;
         }
         while c < cin {
-            input_tile::<Scalar>(input, img, ty, tx, c, v.add(i * cin + c), t * cin);
+            input_tile::<Scalar, T, A, M>(input, img, ty, tx, c, v.add(i * cin + c), t * cin);
             c += 1;
         }
     }
-    // 2. The 36 products: m[ξ][tile][panels].
+    // 2. One product per point ξ: m[ξ][tile][panels].
     let width = panels.len() * NR;
-    for xi in 0..36 {
+    for xi in 0..points {
         gemm::gemm::<S, MR, NV>(
             t,
             v.add(xi * t * cin),
@@ -412,70 +463,103 @@ unsafe fn winograd_generic<S: Simd, const MR: usize, const NV: usize>(
     let c1 = (panels.end * NR).min(conv.c_out);
     for i in 0..t {
         let (img, ty, tx) = tile(i);
+        let at = |c: usize| -> OutputAt {
+            (output, img, ty, tx, c, m.add(i * width + c - c0), t * width)
+        };
         let mut c = c0;
         while c + S::LANES <= c1 {
-            output_tile::<S>(
-                output,
-                img,
-                ty,
-                tx,
-                c,
-                m.add(i * width + c - c0),
-                t * width,
-                conv.bias.as_ptr().add(c),
-                relu,
-            );
+            output_tile::<S, T, A, M>(at(c), conv.bias.as_ptr().add(c), relu);
             c += S::LANES;
         }
         while c < c1 {
-            output_tile::<Scalar>(
-                output,
-                img,
-                ty,
-                tx,
-                c,
-                m.add(i * width + c - c0),
-                t * width,
-                conv.bias.as_ptr().add(c),
-                relu,
-            );
+            output_tile::<Scalar, T, A, M>(at(c), conv.bias.as_ptr().add(c), relu);
             c += 1;
         }
     }
 }
 
-/// `Bᵀ x` for F(4,3) on six vectors.
-#[inline(always)]
-unsafe fn bt<S: Simd>(d: [S::V; 6]) -> [S::V; 6] {
-    let (two, four, m4, m5) = (S::splat(2.0), S::splat(4.0), S::splat(-4.0), S::splat(-5.0));
-    [
-        S::fma(four, d[0], S::fma(m5, d[2], d[4])),
-        S::fma(m4, S::add(d[1], d[2]), S::add(d[3], d[4])),
-        S::fma(four, S::sub(d[1], d[2]), S::sub(d[4], d[3])),
-        S::fma(two, S::sub(d[3], d[1]), S::sub(d[4], d[2])),
-        S::fma(two, S::sub(d[1], d[3]), S::sub(d[4], d[2])),
-        S::fma(four, d[1], S::fma(m5, d[3], d[5])),
-    ]
+/// A Winograd algorithm F(M, 3): its input transform `Bᵀ` on `A = M + 2` points, its output
+/// transform `Aᵀ` to `M` points, and its kernel transform `G` (`A × 3`).
+trait Tile<const A: usize, const M: usize> {
+    const G: [[f64; 3]; A];
+    unsafe fn bt<S: Simd>(d: [S::V; A]) -> [S::V; A];
+    unsafe fn at<S: Simd>(m: [S::V; A]) -> [S::V; M];
 }
 
-/// `Aᵀ x` for F(4,3): six vectors to four.
-#[inline(always)]
-unsafe fn at<S: Simd>(m: [S::V; 6]) -> [S::V; 4] {
-    let (two, four, eight) = (S::splat(2.0), S::splat(4.0), S::splat(8.0));
-    let (s12, d12) = (S::add(m[1], m[2]), S::sub(m[1], m[2]));
-    let (s34, d34) = (S::add(m[3], m[4]), S::sub(m[3], m[4]));
-    [
-        S::add(S::add(m[0], s12), s34),
-        S::fma(two, d34, d12),
-        S::fma(four, s34, s12),
-        S::add(S::fma(eight, d34, d12), m[5]),
-    ]
+/// F(4,3) with the points 0, ±1, ±2 (Lavin & Gray).
+struct F43;
+
+impl Tile<6, 4> for F43 {
+    const G: [[f64; 3]; 6] = [
+        [1.0 / 4.0, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [0.0, 0.0, 1.0],
+    ];
+
+    #[inline(always)]
+    unsafe fn bt<S: Simd>(d: [S::V; 6]) -> [S::V; 6] {
+        let (two, four, m4, m5) = (S::splat(2.0), S::splat(4.0), S::splat(-4.0), S::splat(-5.0));
+        [
+            S::fma(four, d[0], S::fma(m5, d[2], d[4])),
+            S::fma(m4, S::add(d[1], d[2]), S::add(d[3], d[4])),
+            S::fma(four, S::sub(d[1], d[2]), S::sub(d[4], d[3])),
+            S::fma(two, S::sub(d[3], d[1]), S::sub(d[4], d[2])),
+            S::fma(two, S::sub(d[1], d[3]), S::sub(d[4], d[2])),
+            S::fma(four, d[1], S::fma(m5, d[3], d[5])),
+        ]
+    }
+
+    #[inline(always)]
+    unsafe fn at<S: Simd>(m: [S::V; 6]) -> [S::V; 4] {
+        let (two, four, eight) = (S::splat(2.0), S::splat(4.0), S::splat(8.0));
+        let (s12, d12) = (S::add(m[1], m[2]), S::sub(m[1], m[2]));
+        let (s34, d34) = (S::add(m[3], m[4]), S::sub(m[3], m[4]));
+        [
+            S::add(S::add(m[0], s12), s34),
+            S::fma(two, d34, d12),
+            S::fma(four, s34, s12),
+            S::add(S::fma(eight, d34, d12), m[5]),
+        ]
+    }
 }
 
-/// Transforms the 6×6 input tile at tile `(ty, tx)` of image `img`, channels `c..c+LANES`, and
-/// stores the 36 results `xi_stride` floats apart from `dst`.
+/// F(2,3) with the points 0, ±1.
+struct F23;
+
+impl Tile<4, 2> for F23 {
+    const G: [[f64; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+
+    #[inline(always)]
+    unsafe fn bt<S: Simd>(d: [S::V; 4]) -> [S::V; 4] {
+        [
+            S::sub(d[0], d[2]),
+            S::add(d[1], d[2]),
+            S::sub(d[2], d[1]),
+            S::sub(d[1], d[3]),
+        ]
+    }
+
+    #[inline(always)]
+    unsafe fn at<S: Simd>(m: [S::V; 4]) -> [S::V; 2] {
+        [
+            S::add(S::add(m[0], m[1]), m[2]),
+            S::sub(S::sub(m[1], m[2]), m[3]),
+        ]
+    }
+}
+
+/// Transforms the `A×A` input tile at tile `(ty, tx)` of image `img`, channels `c..c+LANES`, and
+/// stores the `A·A` results `xi_stride` floats apart from `dst`.
 #[inline(always)]
-unsafe fn input_tile<S: Simd>(
+unsafe fn input_tile<S: Simd, T: Tile<A, M>, const A: usize, const M: usize>(
     input: Map,
     img: usize,
     ty: usize,
@@ -484,9 +568,11 @@ unsafe fn input_tile<S: Simd>(
     dst: *mut f32,
     xi_stride: usize,
 ) {
-    let (y0, x0) = (ty as isize * 4 - 1, tx as isize * 4 - 1);
-    let mut d = [[S::zero(); 6]; 6];
-    let inside = y0 >= 0 && x0 >= 0 && y0 + 6 <= input.h as isize && x0 + 6 <= input.w as isize;
+    let (y0, x0) = ((ty * M) as isize - 1, (tx * M) as isize - 1);
+    let mut d = [[S::zero(); A]; A];
+    let side = A as isize;
+    let inside =
+        y0 >= 0 && x0 >= 0 && y0 + side <= input.h as isize && x0 + side <= input.w as isize;
     for (r, row) in d.iter_mut().enumerate() {
         let y = y0 + r as isize;
         if y < 0 || y >= input.h as isize {
@@ -500,57 +586,53 @@ unsafe fn input_tile<S: Simd>(
         }
     }
     // Columns first (Bᵀ d), then rows ((Bᵀ d) B).
-    let mut t = [[S::zero(); 6]; 6];
-    for col in 0..6 {
-        let r = bt::<S>([
-            d[0][col], d[1][col], d[2][col], d[3][col], d[4][col], d[5][col],
-        ]);
-        for (row, v) in r.into_iter().enumerate() {
-            t[row][col] = v;
+    let mut t = [[S::zero(); A]; A];
+    for col in 0..A {
+        let mut column = [S::zero(); A];
+        for (r, slot) in column.iter_mut().enumerate() {
+            *slot = d[r][col];
+        }
+        for (tr, v) in t.iter_mut().zip(T::bt::<S>(column)) {
+            tr[col] = v;
         }
     }
     for (row, tr) in t.iter().enumerate() {
-        let r = bt::<S>(*tr);
-        for (col, v) in r.into_iter().enumerate() {
-            S::store(dst.add((row * 6 + col) * xi_stride), v);
+        for (col, v) in T::bt::<S>(*tr).into_iter().enumerate() {
+            S::store(dst.add((row * A + col) * xi_stride), v);
         }
     }
 }
 
-/// Transforms the 36 products at `src` (`xi_stride` apart) back into the 4×4 output tile
-/// `(ty, tx)` of image `img`, channels `c..c+LANES`, with bias and ReLU; pixels past the map's
-/// edge are dropped.
+/// Where [`output_tile`] reads and writes: the output map, image, tile row and column, first
+/// channel, the products of point 0 and the distance between points.
+type OutputAt = (Map, usize, usize, usize, usize, *const f32, usize);
+
+/// Transforms the `A·A` products back into the `M×M` output tile, with bias and ReLU; pixels
+/// past the map's edge are dropped.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn output_tile<S: Simd>(
-    output: Map,
-    img: usize,
-    ty: usize,
-    tx: usize,
-    c: usize,
-    src: *const f32,
-    xi_stride: usize,
+unsafe fn output_tile<S: Simd, T: Tile<A, M>, const A: usize, const M: usize>(
+    (output, img, ty, tx, c, src, xi_stride): OutputAt,
     bias: *const f32,
     relu: bool,
 ) {
-    let mut s = [[S::zero(); 6]; 4];
-    for col in 0..6 {
-        let mut m = [S::zero(); 6];
+    let mut s = [[S::zero(); A]; M];
+    for col in 0..A {
+        let mut m = [S::zero(); A];
         for (row, slot) in m.iter_mut().enumerate() {
-            *slot = S::load(src.add((row * 6 + col) * xi_stride));
+            *slot = S::load(src.add((row * A + col) * xi_stride));
         }
-        for (sr, v) in s.iter_mut().zip(at::<S>(m)) {
+        for (sr, v) in s.iter_mut().zip(T::at::<S>(m)) {
             sr[col] = v;
         }
     }
     let b = S::load(bias);
     for (row, sr) in s.iter().enumerate() {
-        let y = ty * 4 + row;
+        let y = ty * M + row;
         if y >= output.h {
             break;
         }
-        for (col, v) in at::<S>(*sr).into_iter().enumerate() {
-            let x = tx * 4 + col;
+        for (col, v) in T::at::<S>(*sr).into_iter().enumerate() {
+            let x = tx * M + col;
             if x >= output.w {
                 break;
             }
@@ -563,39 +645,39 @@ unsafe fn output_tile<S: Simd>(
     }
 }
 
-/// `G g Gᵀ` for every (c_out, c_in) kernel, in f64, packed as 36 `[C_in × C_out]` matrices.
-fn transform_kernels(weight: &[f32], c_out: usize, c_in: usize) -> Vec<PackedB> {
-    const G: [[f64; 3]; 6] = [
-        [1.0 / 4.0, 0.0, 0.0],
-        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-        [0.0, 0.0, 1.0],
-    ];
+/// `G g Gᵀ` for every (c_out, c_in) kernel, in f64, packed as `A·A` matrices `[C_in × C_out]`
+/// (`A` = `g.len()`).
+fn transform_kernels(
+    weight: &[f32],
+    c_out: usize,
+    c_in: usize,
+    g_rows: &[[f64; 3]],
+) -> Vec<PackedB> {
+    let alpha = g_rows.len();
+    let points = alpha * alpha;
     // u[ci][ξ][co]: each input channel's rows in one chunk, so the channels transform in
     // parallel and the packing below reads whole rows.
-    let mut u = super::zeroed(c_in * 36 * c_out);
-    u.par_chunks_mut(36 * c_out)
+    let mut u = super::zeroed(c_in * points * c_out);
+    u.par_chunks_mut(points * c_out)
         .enumerate()
         .for_each(|(ci, rows)| {
+            let mut gg = vec![[0f64; 3]; alpha];
             for co in 0..c_out {
                 let g = &weight[(co * c_in + ci) * 9..][..9];
-                let mut gg = [[0f64; 3]; 6];
                 for (i, row) in gg.iter_mut().enumerate() {
                     for (j, slot) in row.iter_mut().enumerate() {
-                        *slot = (0..3).map(|k| G[i][k] * g[k * 3 + j] as f64).sum();
+                        *slot = (0..3).map(|k| g_rows[i][k] * g[k * 3 + j] as f64).sum();
                     }
                 }
-                for i in 0..6 {
-                    for j in 0..6 {
-                        let v: f64 = (0..3).map(|k| gg[i][k] * G[j][k]).sum();
-                        rows[(i * 6 + j) * c_out + co] = v as f32;
+                for i in 0..alpha {
+                    for j in 0..alpha {
+                        let v: f64 = (0..3).map(|k| gg[i][k] * g_rows[j][k]).sum();
+                        rows[(i * alpha + j) * c_out + co] = v as f32;
                     }
                 }
             }
         });
-    (0..36)
-        .map(|xi| PackedB::from_rows(c_in, c_out, |ci| &u[(ci * 36 + xi) * c_out..][..c_out]))
+    (0..points)
+        .map(|xi| PackedB::from_rows(c_in, c_out, |ci| &u[(ci * points + xi) * c_out..][..c_out]))
         .collect()
 }
