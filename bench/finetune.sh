@@ -4,17 +4,8 @@
 # time. Run it on an otherwise idle machine from the repo root; it takes about half an hour.
 # Writes bench/results.jsonl (one line per run) and prints a table.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-data="${CNNSERVE_DATA:-../shared/data}/catanddog"
-fixtures="${CNNSERVE_FIXTURES:-../shared/fixtures}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cnnserve/target}"
-weights="$CARGO_TARGET_DIR/tmp/fixtures/vgg11_bn.safetensors"
-if [ ! -f "$weights" ]; then
-  mkdir -p "$(dirname "$weights")"
-  gunzip -c "$fixtures/vgg11_bn/weights.safetensors.gz" > "$weights.part" && mv "$weights.part" "$weights"
-fi
-cargo build --release --quiet
-bin="$CARGO_TARGET_DIR/release/cnnserve"
+source "$(dirname "$0")/common.sh"
+weights=$vgg
 out=bench/results.jsonl
 : > "$out"
 scratch=$(mktemp -d)
@@ -22,7 +13,7 @@ trap 'rm -rf "$scratch"' EXIT
 
 for augment in false true; do
   start=$(date +%s.%N)
-  "$bin" finetune --dataset "$data" --base-model vgg11_bn --weights "$weights" --augment "$augment" \
+  "$bin" finetune --dataset "$data/catanddog" --base-model vgg11_bn --weights "$weights" --augment "$augment" \
     --epochs 5 --batch-size 32 --learning-rate 1e-3 --seed 0 --name bench --weights-dir "$scratch" \
     > "$scratch/log" 2>&1
   end=$(date +%s.%N)
@@ -30,9 +21,9 @@ for augment in false true; do
   echo "{\"framework\": \"cnnserve\", \"arch\": \"vgg11_bn\", \"augment\": $augment, \"wall_s\": $wall}" | tee -a "$out"
 done
 
-if python3 -c "import torch, torchvision" 2>/dev/null; then
+if "$python" -c "import torch, torchvision" 2>/dev/null; then
   for augment in false true; do
-    python3 bench/finetune_pytorch.py --data "$data" --arch vgg11_bn --augment "$augment" \
+    "$python" bench/finetune_pytorch.py --data "$data/catanddog" --arch vgg11_bn --augment "$augment" \
       --weights "$weights" --epochs 5 --batch-size 32 --lr 1e-3 --seed 0 | tail -n 1 | tee -a "$out"
   done
 else

@@ -5,20 +5,9 @@
 #
 #   bash bench/memory.sh                   # SECONDS_PER_RUN=15
 set -euo pipefail
-cd "$(dirname "$0")/.."
-fixtures="${CNNSERVE_FIXTURES:-../shared/fixtures}"
-shared_bench="$(dirname "$fixtures")/bench"
-data="${CNNSERVE_DATA:-../shared/data}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cnnserve/target}"
+source "$(dirname "$0")/common.sh"
 secs="${SECONDS_PER_RUN:-15}"
 image="${IMAGE:-$data/catanddog/test/Cat/8106.jpg}"
-vgg="$CARGO_TARGET_DIR/tmp/fixtures/vgg11_bn.safetensors"
-if [ ! -f "$vgg" ]; then
-  mkdir -p "$(dirname "$vgg")"
-  gunzip -c "$fixtures/vgg11_bn/weights.safetensors.gz" > "$vgg.part" && mv "$vgg.part" "$vgg"
-fi
-cargo build --release --quiet
-bin="$CARGO_TARGET_DIR/release/cnnserve"
 weights=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$weights"' EXIT
 ln -s "$(realpath "$vgg")" "$weights/vgg11_bn.safetensors"

@@ -9,24 +9,14 @@
 # The peers need a Python with torch, torchvision, safetensors and onnxruntime: PYTHON=/path/to/python
 # (default python3); without torch only cnnserve runs. Writes bench/inference.jsonl.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-fixtures="${CNNSERVE_FIXTURES:-../shared/fixtures}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cnnserve/target}"
-python="${PYTHON:-python3}"
+source "$(dirname "$0")/common.sh"
 batch="${BATCH:-1,8}" size="${SIZE:-224}" iters="${ITERS:-20}"
-vgg="$CARGO_TARGET_DIR/tmp/fixtures/vgg11_bn.safetensors"
-if [ ! -f "$vgg" ]; then
-  mkdir -p "$(dirname "$vgg")"
-  gunzip -c "$fixtures/vgg11_bn/weights.safetensors.gz" > "$vgg.part" && mv "$vgg.part" "$vgg"
-fi
-cargo build --release --quiet
-bin="$CARGO_TARGET_DIR/release/cnnserve"
 out=bench/inference.jsonl
 : > "$out"
 echo "# $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')" >&2
 for model in vgg11_bn googlenet; do
   weights=$vgg
-  [ "$model" = googlenet ] && weights="$fixtures/googlenet/weights.safetensors"
+  [ "$model" = googlenet ] && weights=$googlenet
   "$bin" bench --model "$model" --weights "$weights" --batch "$batch" --size "$size" --iters "$iters" 2>/dev/null \
     | sed 's/^{/{"engine":"cnnserve",/' | tee -a "$out"
   if "$python" -c "import torch, torchvision, safetensors" 2>/dev/null; then

@@ -8,26 +8,14 @@
 # Needs Debian's wrk, and for the peer a Python with torch, torchvision, safetensors, fastapi and
 # uvicorn (PYTHON=/path/to/python). Writes bench/serving.jsonl and prints a table.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-fixtures="${CNNSERVE_FIXTURES:-../shared/fixtures}"
-shared_bench="$(dirname "$fixtures")/bench"
-data="${CNNSERVE_DATA:-../shared/data}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cnnserve/target}"
-python="${PYTHON:-python3}"
+source "$(dirname "$0")/common.sh"
 conns="${CONNECTIONS:-16}" secs="${SECONDS_PER_RUN:-15}"
 image="${IMAGE:-$data/catanddog/test/Cat/8106.jpg}"
 command -v wrk >/dev/null || { echo "wrk not found: apt-get install wrk" >&2; exit 1; }
-vgg="$CARGO_TARGET_DIR/tmp/fixtures/vgg11_bn.safetensors"
-if [ ! -f "$vgg" ]; then
-  mkdir -p "$(dirname "$vgg")"
-  gunzip -c "$fixtures/vgg11_bn/weights.safetensors.gz" > "$vgg.part" && mv "$vgg.part" "$vgg"
-fi
-cargo build --release --quiet
-bin="$CARGO_TARGET_DIR/release/cnnserve"
 weights=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$weights"' EXIT
 ln -s "$(realpath "$vgg")" "$weights/vgg11_bn.safetensors"
-ln -s "$(realpath "$fixtures/googlenet/weights.safetensors")" "$weights/googlenet.safetensors"
+ln -s "$(realpath "$googlenet")" "$weights/googlenet.safetensors"
 out=bench/serving.jsonl
 : > "$out"
 port=18090
