@@ -4,8 +4,9 @@
 //!
 //! Data flows one way; a module only calls the ones below it.
 //!
-//! - [`models`]: the networks, in candle, keyed exactly as torchvision's state_dicts. Knows candle
-//!   (and the gemm/rayon its CPU convolution uses) and nothing else: no files, no async, no HTTP.
+//! - [`models`]: the networks, in candle, keyed exactly as torchvision's state_dicts; on the CPU
+//!   their backbones run through our own kernels ([`models::cpu`]: NHWC maps, packed weights, a
+//!   microkernel per instruction set, Winograd). No files, no async, no HTTP.
 //! - [`weights`]: weight files (safetensors, torch `.pth` in both formats) → checked tensors →
 //!   a built [`models::Network`].
 //! - [`preprocess`]: image bytes → RGB the way PIL decodes them → the tensor torchvision's

@@ -1,7 +1,8 @@
 //! The classifiers, in candle, keyed exactly as torchvision's state_dicts.
 //!
-//! This layer knows candle (plus the gemm and rayon its CPU convolution uses) and nothing else:
-//! it is handed a `VarBuilder`, never opens a file, never touches async code or HTTP.
+//! This layer knows candle, and in [`cpu`] its own CPU kernels (rayon for threads, libc for memory
+//! advice), and nothing else: it is handed a `VarBuilder`, never opens a file, never touches async
+//! code or HTTP.
 
 pub mod cpu;
 pub mod googlenet;

@@ -1,12 +1,13 @@
 //! Convolutions packed for the CPU, with bias and ReLU fused: 1×1 as one matrix product over the
-//! NHWC map, 3×3 stride-1 through Winograd F(4,3) (Lavin & Gray; as NNPACK and ncnn do), any
-//! other through im2col, a block of output pixels at a time.
+//! NHWC map, 3×3 stride-1 through Winograd F(4,3) or F(2,3) (Lavin & Gray; as NNPACK and ncnn do),
+//! any other through im2col, a block of output pixels at a time.
 //!
 //! Winograd F(4,3) computes a 4×4 output tile from a 6×6 input tile with 36 products per input
 //! and output channel pair instead of 144: the input tile is transformed (`Bᵀ d B`), multiplied
 //! element-wise with the transformed kernel (`G g Gᵀ`, done once at load, in f64) and summed over
 //! input channels, which for each of the 36 positions is a matrix product `[tiles × C_in] ·
-//! [C_in × C_out]`, then transformed back (`Aᵀ m A`). Tiles are handled a block at a time, so the
+//! [C_in × C_out]`, then transformed back (`Aᵀ m A`). F(2,3) is the same with 4×4 input tiles, 2×2
+//! outputs and 16 products. Tiles are handled a block at a time, so the
 //! transformed inputs and products of one block stay in cache between the three steps, and the
 //! bias and ReLU are applied by the inverse transform as it writes the output.
 
