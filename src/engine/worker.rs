@@ -46,7 +46,7 @@ pub struct BatchPolicy {
 #[derive(Default)]
 pub struct Shared {
     /// Requests admitted for this model whose images are not queued yet (being decoded).
-    pub incoming: AtomicUsize,
+    incoming: AtomicUsize,
     gate: Gate,
 }
 

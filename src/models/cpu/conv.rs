@@ -131,23 +131,8 @@ impl CpuConv {
         }
     }
 
-    pub fn kind(&self) -> ConvKind {
-        self.kind
-    }
-
-    pub fn c_in(&self) -> usize {
-        self.c_in
-    }
-
     pub fn c_out(&self) -> usize {
         self.c_out
-    }
-
-    /// Bytes of packed weights.
-    pub fn bytes(&self) -> usize {
-        self.packed.as_ref().map_or(0, PackedB::bytes)
-            + self.winograd.iter().map(PackedB::bytes).sum::<usize>()
-            + self.bias.len() * 4
     }
 
     /// Output height and width for an input of `h × w`.

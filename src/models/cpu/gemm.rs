@@ -28,38 +28,36 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    /// Packs `B` given element by element: `b(row, col)` for `row < k`, `col < n`; panels are
-    /// filled in parallel.
+    /// Packs `B` given element by element: `b(row, col)` for `row < k`, `col < n`.
     pub fn new(k: usize, n: usize, b: impl Fn(usize, usize) -> f32 + Sync) -> Self {
-        use rayon::prelude::*;
-        let panels = n.div_ceil(NR);
-        let mut data = super::zeroed(panels * k * NR);
-        if k > 0 {
-            data.par_chunks_mut(k * NR)
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    for (row, dst) in panel.chunks_exact_mut(NR).enumerate() {
-                        for (j, slot) in dst.iter_mut().enumerate().take(n - p * NR) {
-                            *slot = b(row, p * NR + j);
-                        }
-                    }
-                });
-        }
-        Self { k, n, data }
+        Self::pack(k, n, |row, cols, dst| {
+            for (j, slot) in dst.iter_mut().enumerate() {
+                *slot = b(row, cols.start + j);
+            }
+        })
     }
 
     /// Packs `B` given row by row: `row(r)` is row `r`, `n` floats.
     pub fn from_rows<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Self {
+        Self::pack(k, n, |r, cols, dst| dst.copy_from_slice(&row(r)[cols]))
+    }
+
+    /// Fills each panel row in parallel: `fill(row, columns, dst)` writes `B[row][columns]` into
+    /// `dst` (the panel's padding past `n` stays zero).
+    fn pack(
+        k: usize,
+        n: usize,
+        fill: impl Fn(usize, std::ops::Range<usize>, &mut [f32]) + Sync,
+    ) -> Self {
         use rayon::prelude::*;
-        let panels = n.div_ceil(NR);
-        let mut data = super::zeroed(panels * k * NR);
+        let mut data = super::zeroed(n.div_ceil(NR) * k * NR);
         if k > 0 {
             data.par_chunks_mut(k * NR)
                 .enumerate()
                 .for_each(|(p, panel)| {
-                    let cols = NR.min(n - p * NR);
-                    for (r, dst) in panel.chunks_exact_mut(NR).enumerate() {
-                        dst[..cols].copy_from_slice(&row(r)[p * NR..p * NR + cols]);
+                    let cols = p * NR..n.min((p + 1) * NR);
+                    for (row, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                        fill(row, cols.clone(), &mut dst[..cols.len()]);
                     }
                 });
         }
@@ -70,17 +68,8 @@ impl PackedB {
         self.k
     }
 
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
     pub fn panels(&self) -> usize {
         self.n.div_ceil(NR)
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 4
     }
 
     fn panel(&self, p: usize) -> *const f32 {
@@ -110,7 +99,7 @@ impl Epilogue {
 /// `C[rows × cols] = A[rows × k] · B[k × panels]` for the panels `panels` of `b`.
 ///
 /// `a` points at row 0 of `A` (row `r` at `a + r·lda`); `c` at the element of row 0 in the first
-/// column of `panels.start` (row `r` at `c + r·ldc`). Columns past `b.n()` are not stored.
+/// column of `panels.start` (row `r` at `c + r·ldc`). Columns past `B`'s width are not stored.
 ///
 /// # Safety
 /// The pointers must cover what the shapes say, and the CPU must have `S`'s instruction set.

@@ -23,7 +23,6 @@ pub trait Simd: Copy {
     unsafe fn store(p: *mut f32, v: Self::V);
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
     /// `a * b + c`, fused where the instruction set has FMA.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
@@ -59,10 +58,6 @@ impl Simd for Scalar {
     #[inline(always)]
     unsafe fn sub(a: f32, b: f32) -> f32 {
         a - b
-    }
-    #[inline(always)]
-    unsafe fn mul(a: f32, b: f32) -> f32 {
-        a * b
     }
     #[inline(always)]
     unsafe fn fma(a: f32, b: f32, c: f32) -> f32 {
@@ -112,10 +107,6 @@ impl Simd for Avx2 {
         _mm256_sub_ps(a, b)
     }
     #[inline(always)]
-    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
-        _mm256_mul_ps(a, b)
-    }
-    #[inline(always)]
     unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
         _mm256_fmadd_ps(a, b, c)
     }
@@ -157,10 +148,6 @@ impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn sub(a: __m512, b: __m512) -> __m512 {
         _mm512_sub_ps(a, b)
-    }
-    #[inline(always)]
-    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
-        _mm512_mul_ps(a, b)
     }
     #[inline(always)]
     unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
