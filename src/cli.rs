@@ -43,6 +43,8 @@ pub enum Command {
     Finetune(FinetuneArgs),
     /// Time the forward pass on random inputs: one JSON line per batch size (load time excluded).
     Bench(BenchArgs),
+    /// Exit 0 when a server answers `/ping`, 1 otherwise: a container's HEALTHCHECK.
+    Healthcheck(HealthcheckArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -215,6 +217,32 @@ pub struct FinetuneArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// The server's liveness URL.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:8080/ping",
+        env = "CNNSERVE_HEALTHCHECK_URL"
+    )]
+    pub url: String,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 5)]
+    pub timeout: u64,
+}
+
+/// `cnnserve healthcheck`: Ok when `url` answers 200.
+pub fn healthcheck(args: &HealthcheckArgs) -> anyhow::Result<()> {
+    let agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(args.timeout)))
+        .build()
+        .new_agent();
+    match agent.get(&args.url).call() {
+        Ok(_) => Ok(()),
+        Err(e) => anyhow::bail!("{} did not answer: {e}", args.url),
+    }
+}
+
+#[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Architecture of the weights (optional for torchvision file names and fine-tuned heads).
     #[arg(long, env = "CNNSERVE_MODEL")]
@@ -251,8 +279,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let size = args.size as usize;
     for &batch in &args.batch {
         let batch = batch as usize;
-        let xs =
-            Tensor::randn(0f32, 1.0, (batch, 3, size, size), &Device::Cpu)?.to_device(&device)?;
+        let xs = Tensor::randn(0f32, 1.0, (batch, 3, size, size), classifier.device())?;
         // Reading the logits back waits for the device, so each timing covers the whole pass.
         let run = || -> anyhow::Result<()> {
             classifier
@@ -357,10 +384,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
         "epoch", "train_loss", "train_acc", "valid_loss", "valid_acc"
     );
     let cancel = std::sync::atomic::AtomicBool::new(false);
-    let options = train::fit::FitOptions {
-        device,
-        ..train::fit::FitOptions::default()
-    };
+    let options = train::fit::FitOptions::default();
     let trained = train::fit::fit_with(
         &network,
         args.base_model,
@@ -449,7 +473,7 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
             .map_err(anyhow::Error::from)
             .and_then(|bytes| Ok(crate::preprocess::decode_rgb(&bytes, args.max_pixels)?))
             .and_then(|image| {
-                let xs = transform.apply(&image)?.unsqueeze(0)?.to_device(&device)?;
+                let xs = transform.apply(&image, classifier.device())?.unsqueeze(0)?;
                 let probabilities = crate::models::layers::softmax(&classifier.logits(&xs)?)?;
                 Ok(probabilities.squeeze(0)?.to_vec1::<f32>()?)
             });
@@ -485,6 +509,23 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
         args.images.len()
     );
     Ok(())
+}
+
+/// An error and its causes on one line, outermost first, without the backtraces that anyhow and
+/// candle capture when `RUST_BACKTRACE` is set.
+pub fn error_report(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = match cause.downcast_ref::<candle_core::Error>() {
+            Some(c) => crate::models::error_message(c),
+            None => cause.to_string(),
+        };
+        // Wrappers that repeat their source's text (`#[error(transparent)]`) add nothing.
+        if parts.last().is_none_or(|last| !last.ends_with(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }
 
 /// `cpu`, `cuda` or `cuda:N` → a candle device, with an error that says what to do otherwise.

@@ -1,16 +1,25 @@
 use clap::Parser;
 use cnnserve::cli::{self, Cli, Command};
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.json_logs);
-    match cli.command {
+    let result = match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Forward(args)) => cli::forward(&args),
         Some(Command::Predict(args)) => cli::predict(&args),
         Some(Command::Finetune(args)) => cli::finetune(&args),
         Some(Command::Bench(args)) => cli::bench(&args),
+        Some(Command::Healthcheck(args)) => cli::healthcheck(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // A sentence, never a backtrace (anyhow's `Debug` adds one under RUST_BACKTRACE).
+            eprintln!("error: {}", cli::error_report(&e));
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

@@ -40,7 +40,10 @@ fn weights_dir() -> tempfile::TempDir {
 
 /// A server over `dir`, as `cnnserve serve` builds it; `start` runs the training threads.
 fn app(dir: &std::path::Path, max_dataset_bytes: u64, start: bool) -> App {
-    let engine = Engine::new(EngineConfig::default(), Arc::new(Metrics::new()));
+    let engine = Engine::new(
+        EngineConfig::on(candle_core::Device::Cpu),
+        Arc::new(Metrics::new()),
+    );
     let report = engine.reload(dir);
     assert!(report.failed.is_empty(), "{report:?}");
     let jobs = JobManager::open(

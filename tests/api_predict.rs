@@ -55,7 +55,7 @@ fn app_with(config: EngineConfig, payload_limit: usize) -> App {
 }
 
 fn app() -> App {
-    app_with(EngineConfig::default(), 20_000_000)
+    app_with(EngineConfig::on(Device::Cpu), 20_000_000)
 }
 
 fn image(name: &str) -> Vec<u8> {
@@ -115,7 +115,7 @@ fn direct_probabilities(classifier: &Classifier, bytes: &[u8]) -> Vec<f32> {
     let image = preprocess::decode_rgb(bytes, preprocess::DEFAULT_MAX_PIXELS).unwrap();
     let xs = classifier
         .transform
-        .apply(&image)
+        .apply(&image, &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
         .unwrap();
@@ -248,7 +248,7 @@ async fn bad_input_gets_a_clear_4xx_and_the_server_keeps_serving() {
     let app = app_with(
         EngineConfig {
             max_pixels: 100_000,
-            ..EngineConfig::default()
+            ..EngineConfig::on(Device::Cpu)
         },
         200_000,
     );
@@ -344,7 +344,7 @@ async fn bad_input_gets_a_clear_4xx_and_the_server_keeps_serving() {
 #[tokio::test]
 async fn health_is_503_until_a_model_is_loaded() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::new(EngineConfig::default(), Arc::new(Metrics::new()));
+    let engine = Engine::new(EngineConfig::on(Device::Cpu), Arc::new(Metrics::new()));
     let state = AppState::new(
         engine.clone(),
         ServerConfig {
@@ -544,7 +544,7 @@ async fn images_waiting_for_a_busy_worker_run_as_one_batch() {
         EngineConfig {
             max_batch_size: 8,
             max_batch_delay: Duration::ZERO,
-            ..EngineConfig::default()
+            ..EngineConfig::on(Device::Cpu)
         },
         1 << 24,
     );
@@ -579,7 +579,7 @@ async fn a_lone_request_does_not_wait_for_the_batch_delay() {
     let app = app_with(
         EngineConfig {
             max_batch_delay: Duration::from_secs(120),
-            ..EngineConfig::default()
+            ..EngineConfig::on(Device::Cpu)
         },
         1 << 24,
     );
@@ -603,7 +603,7 @@ async fn a_request_over_the_concurrency_limit_is_answered_429_at_once() {
     let app = app_with(
         EngineConfig {
             max_concurrent_requests: 1,
-            ..EngineConfig::default()
+            ..EngineConfig::on(Device::Cpu)
         },
         1 << 24,
     );
@@ -639,7 +639,7 @@ async fn real_server_swaps_a_model_under_load_and_shuts_down_gracefully() {
     let app = app_with(
         EngineConfig {
             max_batch_delay: Duration::from_millis(20),
-            ..EngineConfig::default()
+            ..EngineConfig::on(Device::Cpu)
         },
         1 << 24,
     );
@@ -714,7 +714,7 @@ async fn wait_for_queue_depth(router: &Router, depth: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn graceful_shutdown_lets_a_request_in_flight_finish() {
-    let app = app_with(EngineConfig::default(), 1 << 24);
+    let app = app_with(EngineConfig::on(Device::Cpu), 1 << 24);
     let hold = app.state.engine.hold("googlenet").unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

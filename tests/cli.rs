@@ -239,3 +239,33 @@ fn bench_prints_one_json_line_per_batch_size_with_its_timings() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--dtype f16 is not available"));
 }
+
+/// A candle error (the input is smaller than GoogLeNet's pools allow) with `RUST_BACKTRACE=1`,
+/// which makes both anyhow and candle capture backtraces: the user still reads one sentence.
+#[test]
+fn errors_are_one_sentence_even_with_rust_backtrace_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("tiny.safetensors");
+    let tiny = candle_core::Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&std::collections::HashMap::from([("x", tiny)]), &input)
+        .unwrap();
+    let out = cnnserve()
+        .env("RUST_BACKTRACE", "1")
+        .args(["forward", "--model", "googlenet", "--weights"])
+        .arg(common::fixtures().join("googlenet/weights.safetensors"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.path().join("out.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line, no backtrace:\n{stderr}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains("too small"),
+        "{stderr}"
+    );
+    assert!(!stderr.to_lowercase().contains("backtrace"), "{stderr}");
+}

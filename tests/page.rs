@@ -66,7 +66,10 @@ async fn the_page_lists_models_and_shows_a_finished_job_with_its_gallery() {
         dir.path().join("googlenet.safetensors"),
     )
     .unwrap();
-    let engine = Engine::new(EngineConfig::default(), Arc::new(Metrics::new()));
+    let engine = Engine::new(
+        EngineConfig::on(candle_core::Device::Cpu),
+        Arc::new(Metrics::new()),
+    );
     engine.reload(dir.path());
     let jobs = JobManager::open(
         JobConfig {

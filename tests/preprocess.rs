@@ -43,7 +43,7 @@ fn matches_torchvision_on_fixture_photos() {
             (Transform::Resize256x256, "resize256x256"),
             (Transform::Imagenet, "resize256_crop224"),
         ] {
-            let got = t.apply(&img).unwrap();
+            let got = t.apply(&img, &candle_core::Device::Cpu).unwrap();
             let want = &expected[&format!("img{i}_{key}")];
             let (mean, max) = diff(&got, want);
             eprintln!("img{i} {key}: mean {mean:.3e} max {max:.3e}");

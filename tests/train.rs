@@ -282,7 +282,7 @@ fn a_saved_head_is_served_by_predict_with_the_data_set_classes() {
     assert_eq!(meta.params["epochs"], 6);
     // The served model classifies the test pictures as the evaluation said.
     for sample in &data.test {
-        let xs = cnnserve::preprocess::to_normalized_tensor(&sample.image)
+        let xs = cnnserve::preprocess::to_normalized_tensor(&sample.image, &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
             .unwrap();
@@ -491,4 +491,18 @@ fn the_finetune_command_trains_writes_and_the_result_predicts() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("train_layers=head"));
+}
+
+/// What training and loading report from candle is a sentence, also when candle captured a
+/// backtrace (it does under `RUST_BACKTRACE=1`): jobs store it as their `error`.
+#[test]
+fn training_and_weights_errors_drop_candle_backtraces() {
+    let with_backtrace = |msg: &str| candle_core::Error::WithBacktrace {
+        inner: Box::new(candle_core::Error::Msg(msg.into())),
+        backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+    };
+    let e = train::TrainError::from(with_backtrace("device mismatch in conv2d"));
+    assert_eq!(e.to_string(), "training failed: device mismatch in conv2d");
+    let e = cnnserve::weights::WeightsError::from(with_backtrace("bad tensor"));
+    assert_eq!(e.to_string(), "bad tensor");
 }

@@ -166,7 +166,8 @@ fn every_vgg_variant_reads_torchvision_key_names() {
         (Arch::Vgg19Bn, "features.50.running_var", 102),
     ];
     for (arch, last_feature, count) in cases {
-        let expected = weights::expected_tensors(&arch.config(1000)).unwrap();
+        let expected =
+            weights::expected_tensors(&arch.config(1000), &candle_core::Device::Cpu).unwrap();
         let names: Vec<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(expected.len(), count, "{arch}");
         assert!(names.contains(&last_feature), "{arch}: {names:?}");
@@ -198,7 +199,8 @@ fn the_fixture_files_hold_exactly_the_tensors_the_models_read() {
             .map(|(name, view)| (name, view.shape().to_vec()))
             .collect();
         in_file.sort();
-        let mut expected = weights::expected_tensors(&arch.config(1000)).unwrap();
+        let mut expected =
+            weights::expected_tensors(&arch.config(1000), &candle_core::Device::Cpu).unwrap();
         expected.sort();
         assert_eq!(expected, in_file, "{arch}");
     }
@@ -207,7 +209,7 @@ fn the_fixture_files_hold_exactly_the_tensors_the_models_read() {
 /// Random weights with plausible batch-norm statistics for whatever `cfg` asks for.
 fn random_weights(cfg: &NetworkConfig) -> HashMap<String, Tensor> {
     let dev = Device::Cpu;
-    weights::expected_tensors(cfg)
+    weights::expected_tensors(cfg, &candle_core::Device::Cpu)
         .unwrap()
         .into_iter()
         .map(|(name, shape)| {

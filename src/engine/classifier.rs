@@ -87,7 +87,6 @@ impl Classifier {
         meta: FineTunedMeta,
         file: &Path,
         base: &Classifier,
-        device: &Device,
     ) -> Result<Self, WeightsError> {
         if base.arch != meta.arch || base.sha256 != meta.base_sha256 {
             return Err(WeightsError::Format {
@@ -101,7 +100,8 @@ impl Classifier {
                 ),
             });
         }
-        let head = load_head(&meta, file, device)?;
+        // The head goes where its base network is.
+        let head = load_head(&meta, file, base.device())?;
         Ok(Self {
             name: meta.name.clone(),
             arch: meta.arch,
@@ -131,6 +131,11 @@ impl Classifier {
 
     pub fn network(&self) -> &Arc<Network> {
         &self.network
+    }
+
+    /// Where this model runs: its network's device. Inputs are prepared there.
+    pub fn device(&self) -> &Device {
+        self.network.device()
     }
 }
 
@@ -192,7 +197,7 @@ pub fn open(file: &Path, arch: Option<Arch>, device: &Device) -> Result<Classifi
     for (name, base_arch, base_file) in scan.pretrained {
         if base_arch == meta.arch && sha256_file(&base_file)? == meta.base_sha256 {
             let base = Classifier::pretrained(&name, base_arch, &base_file, device)?;
-            return Classifier::fine_tuned(meta, file, &base, device);
+            return Classifier::fine_tuned(meta, file, &base);
         }
     }
     Err(WeightsError::Format {

@@ -35,14 +35,16 @@ pub struct EngineConfig {
     pub device: Device,
 }
 
-impl Default for EngineConfig {
-    fn default() -> Self {
+impl EngineConfig {
+    /// The default limits, with models loaded onto `device` (there is no default device: it comes
+    /// from the command line).
+    pub fn on(device: Device) -> Self {
         Self {
             max_batch_size: 16,
             max_batch_delay: Duration::from_millis(5),
             max_concurrent_requests: 64,
             max_pixels: preprocess::DEFAULT_MAX_PIXELS,
-            device: Device::Cpu,
+            device,
         }
     }
 }
@@ -166,7 +168,6 @@ impl Engine {
                 let policy = worker::BatchPolicy {
                     max_batch_size: self.inner.config.max_batch_size.max(1),
                     max_batch_delay: self.inner.config.max_batch_delay,
-                    device: self.inner.config.device.clone(),
                 };
                 let metrics = self.inner.metrics.clone();
                 let name = classifier.name.clone();
@@ -255,6 +256,7 @@ impl Engine {
             )
         };
         let transform = classifier.transform;
+        let device = classifier.device().clone();
         let max_pixels = self.inner.config.max_pixels;
         let inputs = tokio::task::spawn_blocking(move || {
             images
@@ -264,8 +266,8 @@ impl Engine {
                     let image = preprocess::decode_rgb(bytes, max_pixels)
                         .map_err(|source| EngineError::Image { index, source })?;
                     transform
-                        .apply(&image)
-                        .map_err(|e| EngineError::Inference(e.to_string()))
+                        .apply(&image, &device)
+                        .map_err(|e| EngineError::Inference(crate::models::error_message(&e)))
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -375,7 +377,7 @@ impl Engine {
                 ));
                 continue;
             };
-            match Classifier::fine_tuned(meta, &file, &base, &self.inner.config.device) {
+            match Classifier::fine_tuned(meta, &file, &base) {
                 Ok(c) => {
                     self.insert(c);
                     report.loaded.push(name);

@@ -38,8 +38,6 @@ pub struct Scored {
 pub struct BatchPolicy {
     pub max_batch_size: usize,
     pub max_batch_delay: Duration,
-    /// Where the model lives; inputs are prepared on the CPU.
-    pub device: candle_core::Device,
 }
 
 /// What the requests of one model share with its worker.
@@ -150,7 +148,7 @@ pub fn run(
             .get_or_create(&label)
             .dec_by(batch.len() as i64);
         for group in split_compatible(batch) {
-            run_batch(group, &policy.device, &metrics, &label);
+            run_batch(group, &metrics, &label);
         }
     }
     tracing::debug!(model = %name, "worker stopped: model removed");
@@ -171,17 +169,12 @@ fn split_compatible(batch: Vec<Job>) -> Vec<Vec<Job>> {
     groups
 }
 
-fn run_batch(
-    jobs: Vec<Job>,
-    device: &candle_core::Device,
-    metrics: &Metrics,
-    label: &crate::metrics::ModelLabel,
-) {
+fn run_batch(jobs: Vec<Job>, metrics: &Metrics, label: &crate::metrics::ModelLabel) {
     let started = Instant::now();
     let classifier = jobs[0].classifier.clone();
     let inputs: Vec<&Tensor> = jobs.iter().map(|j| &j.input).collect();
+    // Inputs were prepared on the model's device (`Classifier::device`).
     let result = Tensor::stack(&inputs, 0)
-        .and_then(|xs| xs.to_device(device))
         .and_then(|xs| classifier.logits(&xs))
         .and_then(|logits| layers::softmax(&logits))
         .and_then(|p| p.to_vec2::<f32>());
@@ -211,9 +204,10 @@ fn run_batch(
             }
         }
         Err(e) => {
+            let e = crate::models::error_message(&e);
             tracing::error!(model = %classifier.name, error = %e, "forward pass failed");
             for job in jobs {
-                let _ = job.reply.send(Err(e.to_string()));
+                let _ = job.reply.send(Err(e.clone()));
             }
         }
     }

@@ -634,12 +634,7 @@ impl JobManager {
             &job.params,
             &self.shared.config.dir,
         )?;
-        let classifier = Classifier::fine_tuned(
-            saved.meta,
-            &saved.weights,
-            &base,
-            &self.shared.engine.config().device,
-        )?;
+        let classifier = Classifier::fine_tuned(saved.meta, &saved.weights, &base)?;
         self.shared.engine.insert(classifier);
         if let Err(err) =
             write_thumbnails(&self.job_dir(&id), &trained.evaluation.examples, &dataset)

@@ -413,6 +413,11 @@ impl GoogLeNet {
         self.fc.weight().dim(0).unwrap_or(0)
     }
 
+    /// Where the weights live, and so where inputs must be and the work runs.
+    pub fn device(&self) -> &candle_core::Device {
+        self.fc.weight().device()
+    }
+
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.head_forward(&self.features(xs)?, train)
     }

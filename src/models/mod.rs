@@ -262,11 +262,59 @@ impl Network {
             Network::GoogLeNet(m) => m.num_classes(),
         }
     }
+
+    /// The device the weights were loaded onto. Everything that feeds or trains this network takes
+    /// its device from here, never from a default: inputs, heads, optimizer state.
+    pub fn device(&self) -> &candle_core::Device {
+        match self {
+            Network::Vgg(m) => m.device(),
+            Network::GoogLeNet(m) => m.device(),
+        }
+    }
+}
+
+/// A candle error as a sentence: candle appends a backtrace to its errors when `RUST_BACKTRACE` is
+/// set, which must never reach a job's `error`, an API answer or a log line.
+pub fn error_message(e: &candle_core::Error) -> String {
+    use candle_core::Error;
+    match e {
+        Error::WithBacktrace { inner, .. } => error_message(inner),
+        Error::WithPath { inner, path } => format!("{}: {}", path.display(), error_message(inner)),
+        Error::Context { inner, context } => format!("{context}: {}", error_message(inner)),
+        e => e.to_string(),
+    }
+}
+
+/// `e` with any backtrace removed (see [`error_message`]); other errors are returned as they are.
+pub fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error;
+    match e {
+        Error::WithBacktrace { .. } | Error::WithPath { .. } | Error::Context { .. } => {
+            Error::Msg(error_message(&e))
+        }
+        e => e,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_backtrace(e: candle_core::Error) -> candle_core::Error {
+        candle_core::Error::WithBacktrace {
+            inner: Box::new(e),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        }
+    }
+
+    #[test]
+    fn candle_errors_lose_their_backtraces_on_the_way_out() {
+        let e = with_backtrace(candle_core::Error::Msg("input too small".into()));
+        assert!(e.to_string().lines().count() > 1, "the case under test");
+        assert_eq!(error_message(&e), "input too small");
+        let e = with_backtrace(candle_core::Error::Msg("bad".into())).with_path("/w/x.pth");
+        assert_eq!(without_backtrace(e).to_string(), "/w/x.pth: bad");
+    }
 
     #[test]
     fn arch_names_round_trip_through_str_serde_and_clap() {

@@ -266,6 +266,11 @@ impl Vgg {
         self.classifier_6.weight().dim(0).unwrap_or(0)
     }
 
+    /// Where the weights live, and so where inputs must be and the work runs.
+    pub fn device(&self) -> &candle_core::Device {
+        self.classifier_6.weight().device()
+    }
+
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let hidden = self.hidden_from_pooled(&self.pooled(xs)?, train)?;
         self.head_forward(&hidden, train)

@@ -72,8 +72,8 @@ impl Transform {
         }
     }
 
-    /// The model input for `img`: an f32 tensor of shape `[3, H, W]` on the CPU.
-    pub fn apply(&self, img: &RgbImage) -> candle_core::Result<Tensor> {
+    /// The model input for `img`: an f32 tensor of shape `[3, H, W]` on `device` (the model's).
+    pub fn apply(&self, img: &RgbImage, device: &Device) -> candle_core::Result<Tensor> {
         let (w, h) = img.dimensions();
         if w == 0 || h == 0 {
             candle_core::bail!("cannot transform an empty {w}x{h} image");
@@ -85,7 +85,7 @@ impl Transform {
             }
             Transform::Resize256x256 => resize_bilinear(img, 256, 256),
         };
-        to_normalized_tensor(&pixels)
+        to_normalized_tensor(&pixels, device)
     }
 }
 
@@ -148,11 +148,18 @@ fn center_offset(size: u32, crop: u32) -> u32 {
     (f64::from(size - crop) / 2.0).round_ties_even() as u32
 }
 
-/// torchvision `ToTensor` + `Normalize(mean, std)` with ImageNet statistics: `[3, H, W]` f32.
+/// torchvision `ToTensor` + `Normalize(mean, std)` with ImageNet statistics: `[3, H, W]` f32
+/// on `device`.
+pub fn to_normalized_tensor(img: &RgbImage, device: &Device) -> candle_core::Result<Tensor> {
+    let (w, h) = img.dimensions();
+    Tensor::from_vec(normalized(img), (3, h as usize, w as usize), device)
+}
+
+/// The values of [`to_normalized_tensor`], channel-major.
 ///
 /// Computed as `(v / 255 - mean) / std` in float32, the order torchvision uses (a fused
 /// `v * scale + shift` would differ in the last bit).
-pub fn to_normalized_tensor(img: &RgbImage) -> candle_core::Result<Tensor> {
+pub fn normalized(img: &RgbImage) -> Vec<f32> {
     let (w, h) = img.dimensions();
     let plane = w as usize * h as usize;
     let mut data = vec![0f32; 3 * plane];
@@ -161,7 +168,7 @@ pub fn to_normalized_tensor(img: &RgbImage) -> candle_core::Result<Tensor> {
             data[c * plane + i] = (f32::from(px[c]) / 255.0 - MEAN[c]) / STD[c];
         }
     }
-    Tensor::from_vec(data, (3, h as usize, w as usize), &Device::Cpu)
+    data
 }
 
 #[cfg(test)]
@@ -210,8 +217,7 @@ mod tests {
     #[test]
     fn normalize_matches_torchvision_float_order() {
         let img = RgbImage::from_pixel(1, 1, image::Rgb([0, 128, 255]));
-        let t = to_normalized_tensor(&img).unwrap();
-        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let v = normalized(&img);
         let expect: Vec<f32> = (0..3)
             .map(|c| ([0f32, 128., 255.][c] / 255.0 - MEAN[c]) / STD[c])
             .collect();

@@ -99,10 +99,10 @@ pub struct TrainedHead {
     pub counts: SplitCounts,
 }
 
-/// How [`fit_with`] runs, beyond the recipe.
+/// How [`fit_with`] runs, beyond the recipe. There is no device here: training runs where the
+/// network's weights are ([`Network::device`]).
 #[derive(Debug, Clone)]
 pub struct FitOptions {
-    pub device: Device,
     /// Without augmentation, run the frozen part once per image and train on the stored outputs.
     /// Off only to check that caching changes nothing.
     pub cache_features: bool,
@@ -113,7 +113,6 @@ pub struct FitOptions {
 impl Default for FitOptions {
     fn default() -> Self {
         Self {
-            device: Device::Cpu,
             cache_features: true,
             examples: 8,
         }
@@ -181,7 +180,7 @@ pub fn fit_with(
     cancel: &AtomicBool,
 ) -> Result<TrainedHead, TrainError> {
     TrainError::check(arch, params)?;
-    let device = &options.device;
+    let device = network.device();
     let layers = params.train_layers;
     let classes = data.classes.len();
     let mut rng = Streams::new(params.seed);
@@ -198,9 +197,9 @@ pub fn fit_with(
     let frozen = |images: &[&RgbImage]| -> Result<Tensor, TrainError> {
         let mut inputs = Vec::with_capacity(images.len());
         for image in images {
-            inputs.push(preprocess::to_normalized_tensor(image)?);
+            inputs.push(preprocess::to_normalized_tensor(image, device)?);
         }
-        let xs = Tensor::stack(&inputs, 0)?.to_device(device)?;
+        let xs = Tensor::stack(&inputs, 0)?;
         Ok(layers.frozen_input(network, &xs)?)
     };
     let features_of = |samples: &[&Sample]| -> Result<Tensor, TrainError> {

@@ -95,9 +95,15 @@ pub enum TrainError {
     #[error(transparent)]
     Weights(#[from] crate::weights::WeightsError),
     #[error("training failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
     #[error("cannot write the model: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<candle_core::Error> for TrainError {
+    fn from(e: candle_core::Error) -> Self {
+        TrainError::Candle(crate::models::without_backtrace(e))
+    }
 }
 
 impl TrainError {

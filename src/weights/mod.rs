@@ -42,7 +42,13 @@ pub enum WeightsError {
     #[error("unexpected tensors in the file, not part of the model: {}", .names.join(", "))]
     Unexpected { names: Vec<String> },
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for WeightsError {
+    fn from(e: candle_core::Error) -> Self {
+        WeightsError::Candle(crate::models::without_backtrace(e))
+    }
 }
 
 /// How a weights file is serialized, told apart by its first bytes.
@@ -91,10 +97,10 @@ pub fn read_tensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)
         FileFormat::Safetensors => {
             let format = |e: candle_core::Error| WeightsError::Format {
                 path: path.to_path_buf(),
-                reason: e.to_string(),
+                reason: crate::models::error_message(&e),
             };
             if device.is_cpu() {
-                return read_safetensors_cpu(path);
+                return read_safetensors_cpu(path, device);
             }
             // SAFETY: the map is read-only and dropped before we return; a file truncated
             // underneath us could fault, as with any mmap-based reader (candle's own included).
@@ -117,7 +123,7 @@ pub fn read_tensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)
 /// A safetensors file's tensors on the CPU. f32 tensors (nearly all of a torchvision file) are
 /// copied once into huge-page-backed memory, which saves most of the page faults that a load of
 /// hundreds of MB otherwise spends; other dtypes go through candle.
-fn read_safetensors_cpu(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsError> {
+fn read_safetensors_cpu(path: &Path, cpu: &Device) -> Result<Vec<(String, Tensor)>, WeightsError> {
     let format = |reason: String| WeightsError::Format {
         path: path.to_path_buf(),
         reason,
@@ -138,9 +144,9 @@ fn read_safetensors_cpu(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsErr
             let shape = view.shape().to_vec();
             let tensor = if view.dtype() == safetensors::Dtype::F32 {
                 let data = crate::models::cpu::f32_from_le_bytes(view.data());
-                Tensor::from_vec(data, shape, &Device::Cpu)
+                Tensor::from_vec(data, shape, cpu)
             } else {
-                candle_core::safetensors::Load::load(&view, &Device::Cpu)
+                candle_core::safetensors::Load::load(&view, cpu)
             };
             let tensor = tensor.map_err(|e| format(format!("{name}: {e}")))?;
             Ok((name, tensor))
@@ -181,10 +187,13 @@ pub fn num_classes(arch: Arch, tensors: &HashMap<String, Tensor>) -> Result<usiz
 }
 
 /// Every tensor name and shape the model built from `cfg` reads, in the order it reads them.
-pub fn expected_tensors(cfg: &NetworkConfig) -> Result<Vec<(String, Vec<usize>)>, WeightsError> {
+pub fn expected_tensors(
+    cfg: &NetworkConfig,
+    device: &Device,
+) -> Result<Vec<(String, Vec<usize>)>, WeightsError> {
     let recorder = ShapeRecorder::default();
     let seen = recorder.seen.clone();
-    let vb = VarBuilder::from_backend(Box::new(recorder), DType::F32, Device::Cpu);
+    let vb = VarBuilder::from_backend(Box::new(recorder), DType::F32, device.clone());
     Network::new(cfg, vb)?;
     let seen = seen.lock().expect("recorder lock").clone();
     Ok(seen)
@@ -236,7 +245,7 @@ pub fn build_network(
     tensors: HashMap<String, Tensor>,
     device: &Device,
 ) -> Result<Network, WeightsError> {
-    check_tensors(arch, &expected_tensors(cfg)?, &tensors)?;
+    check_tensors(arch, &expected_tensors(cfg, device)?, &tensors)?;
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     Ok(Network::new(cfg, vb)?)
 }

@@ -114,7 +114,7 @@ impl Fail {
                 path: path.to_path_buf(),
                 reason,
             },
-            Fail::Candle(e) => WeightsError::Candle(e),
+            Fail::Candle(e) => WeightsError::from(e),
         }
     }
 }
