@@ -82,10 +82,13 @@ emit "{\"check\": \"predict\", \"ok\": $([ "$rc" = 0 ] && grep -q predictions "$
 mkdir -p "$W/srv"
 cp "$W/ref/vgg11_bn.safetensors" "$W/ref/googlenet.safetensors" "$W/srv/"
 "$cn" serve --device "$DEVICE" --weights-dir "$W/srv" --offline --addr "127.0.0.1:$PORT" \
-  --max-batch-size "$BATCH" > "$OUT/server.log" 2>&1 &
+  --max-batch-size "$BATCH" --max-concurrent-requests 512 > "$OUT/server.log" 2>&1 &
 server=$!
 base="http://127.0.0.1:$PORT"
-if python3 "$here/gpu_check.py" wait "$base/health" 180; then
+# /health, then each model: /health turns 200 with the first model loaded (see issue #11).
+if python3 "$here/gpu_check.py" wait "$base/health" 180 &&
+  python3 "$here/gpu_check.py" wait "$base/models/vgg11_bn" 180 &&
+  python3 "$here/gpu_check.py" wait "$base/models/googlenet" 180; then
   emit "{\"check\": \"serve\", \"ok\": true}"
   for m in vgg11_bn googlenet; do
     py lone "$base/predict?model=$m&top_k=1" "$image" 60
@@ -104,4 +107,5 @@ read -r rc wall < <(timed finetune-cli "$cn" finetune --device "$DEVICE" --datas
   --weights-dir "$W/srv" --augment false --epochs "$EPOCHS")
 emit "{\"check\": \"finetune_cli\", \"ok\": $([ "$rc" = 0 ] && [ -f "$W/srv/ft2.safetensors" ] && echo true || echo false), \"wall_s\": $wall, \"epochs\": $EPOCHS}"
 
-py summary "$checks" | grep -q '"ok": true'
+py summary "$checks"
+tail -1 "$checks" | grep -q '"ok": true'
