@@ -669,7 +669,7 @@ pub fn forward(args: &ForwardArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let classifier = crate::engine::classifier::open(&args.weights, args.model, &device)
         .with_context(|| format!("loading {}", args.weights.display()))?;
-    let inputs = candle_core::safetensors::load(&args.input, &device)
+    let inputs = candle_core::safetensors::load(&args.input, classifier.device())
         .with_context(|| format!("reading {}", args.input.display()))?;
     let mut outputs = HashMap::new();
     let mut names: Vec<&String> = inputs.keys().collect();

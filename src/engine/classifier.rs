@@ -60,6 +60,7 @@ impl Classifier {
             (network, sha256)
         });
         let (network, sha256) = (network?, sha256?);
+        warm_up(&network)?;
         let labels = if network.num_classes() == 1000 {
             imagenet_labels()
         } else {
@@ -137,6 +138,22 @@ impl Classifier {
     pub fn device(&self) -> &Device {
         self.network.device()
     }
+}
+
+/// On a GPU, one forward pass before the model is served: the first one on a fresh machine waits
+/// seconds for the driver to compile candle's kernels, and that wait belongs to loading, not to the
+/// first request. The CPU needs none.
+fn warm_up(network: &Network) -> Result<(), WeightsError> {
+    let device = network.device();
+    if device.is_cpu() {
+        return Ok(());
+    }
+    let xs = Tensor::zeros((1, 3, 224, 224), candle_core::DType::F32, device)?;
+    network
+        .forward(&xs)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec2::<f32>()?;
+    Ok(())
 }
 
 pub fn sha256_file(path: &Path) -> Result<String, WeightsError> {

@@ -69,6 +69,20 @@ pub enum EngineError {
     Weights(#[from] WeightsError),
     #[error("inference failed: {0}")]
     Inference(String),
+    #[error("the device ran out of memory for this batch ({0}); retry shortly, or send fewer or smaller images")]
+    OutOfMemory(String),
+}
+
+impl EngineError {
+    /// A forward pass's failure, told apart when the device ran out of memory: that one passes.
+    pub fn from_forward(message: String) -> Self {
+        let lower = message.to_ascii_lowercase();
+        if lower.contains("out_of_memory") || lower.contains("out of memory") {
+            EngineError::OutOfMemory(message)
+        } else {
+            EngineError::Inference(message)
+        }
+    }
 }
 
 /// One class of a prediction.
@@ -298,7 +312,7 @@ impl Engine {
             let scored = answer
                 .await
                 .map_err(|_| EngineError::Inference("model worker stopped".into()))?
-                .map_err(EngineError::Inference)?;
+                .map_err(EngineError::from_forward)?;
             queue_time = queue_time.max(scored.queue_time);
             inference_time = inference_time.max(scored.inference_time);
             probabilities.push(scored.probabilities);

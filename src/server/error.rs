@@ -121,6 +121,11 @@ impl From<EngineError> for ApiError {
                 _ => Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_image", message),
             },
             EngineError::NotDeletable(_) => Self::new(StatusCode::CONFLICT, "conflict", message),
+            EngineError::OutOfMemory(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "device_out_of_memory",
+                message,
+            ),
             EngineError::Weights(_) | EngineError::Inference(_) => Self::internal(message),
         }
     }
@@ -184,5 +189,23 @@ impl IntoResponse for ApiError {
             details: self.details.as_ref(),
         };
         (self.status, Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_out_of_memory_passes_with_503_other_forward_failures_are_500() {
+        // cudarc's wording of a failed allocation.
+        let oom = ApiError::from(EngineError::from_forward(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        ));
+        assert_eq!(oom.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(oom.error_type, "device_out_of_memory");
+        assert!(oom.message.contains("retry"), "{}", oom.message);
+        let other = ApiError::from(EngineError::from_forward("shape mismatch".into()));
+        assert_eq!(other.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }
