@@ -7,7 +7,9 @@
 # One JSON line per check on stdout, also kept in $OUT/checks.jsonl (OUT defaults to
 # /tmp/cnnserve-gpu-check; the server's log and each command's output are there too):
 #   pytorch_throughput  PyTorch's bare model on this GPU (f32 and TF32; batch 1, 32, 64)
-#   parity              cnnserve forward vs PyTorch's logits, both models, 224x224 and 240x320
+#   parity              cnnserve forward vs PyTorch's logits, both models, 224x224 and 240x320:
+#                       f32 within 1e-3; tf32, bf16, f16 within 1%, 10%, 5% of the largest logit
+#   bench               cnnserve bench per dtype (f32, tf32, bf16, f16), batch 1, 32, 64 (GPU only)
 #   predict             cnnserve predict on IMAGE
 #   lone_request        median x-total-time of one client, both models (goal: under 3 ms, vgg11_bn)
 #   load                the server under 96 clients (4 processes x 24 threads), both models
@@ -74,6 +76,31 @@ for m in vgg11_bn googlenet; do
     emit "{\"check\": \"parity\", \"model\": \"$m\", \"ok\": false, \"error\": \"forward exited $rc, see $OUT/forward-$m.log\"}"
   fi
 done
+
+# The reduced precisions (not on the CPU): documented tolerances, relative to the largest logit.
+if [ "$DEVICE" != cpu ]; then
+  for m in vgg11_bn googlenet; do
+    for spec in tf32:0.01 bf16:0.1 f16:0.05; do
+      dt=${spec%%:*} tol=${spec##*:}
+      read -r rc wall < <(timed "forward-$m-$dt" "$cn" forward --device "$DEVICE" --dtype "$dt" \
+        --model "$m" --weights "$W/ref/$m.safetensors" --input "$W/ref/in.safetensors" \
+        --output "$W/$m.$dt.safetensors")
+      if [ "$rc" = 0 ]; then
+        py compare "$m" "$W/$m.$dt.safetensors" "$W/ref/$m.ref.safetensors" "$tol" "$dt"
+      else
+        emit "{\"check\": \"parity\", \"model\": \"$m\", \"dtype\": \"$dt\", \"ok\": false, \"error\": \"forward exited $rc, see $OUT/forward-$m-$dt.log\"}"
+      fi
+    done
+  done
+  # The bare forward pass in each dtype, beside pytorch_throughput (reported, not gated).
+  for m in vgg11_bn googlenet; do
+    for dt in f32 tf32 bf16 f16; do
+      "$cn" bench --device "$DEVICE" --dtype "$dt" --model "$m" --weights "$W/ref/$m.safetensors" \
+        --batch "1,$BATCH,64" --iters 20 2>> "$OUT/bench.log" |
+        sed 's/^{/{"check": "bench", /' | tee -a "$checks"
+    done
+  done
+fi
 
 read -r rc wall < <(timed predict "$cn" predict --device "$DEVICE" --model googlenet \
   --weights "$W/ref/googlenet.safetensors" --top-k 2 --json "$image")

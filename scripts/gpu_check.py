@@ -3,7 +3,8 @@
 Every subcommand prints JSON lines. Needs PyTorch, torchvision and safetensors; nothing else.
   gen DIR DEVICE            random vgg11_bn/GoogLeNet weights (BN statistics calibrated), inputs,
                             PyTorch's eval logits; with DEVICE=cuda also PyTorch's own throughput
-  compare MODEL OUT REF TOL max |Δlogit| of cnnserve's output against PyTorch's, ok when ≤ TOL
+  compare MODEL OUT REF TOL [DTYPE]   max |Δlogit| of cnnserve's output against PyTorch's: ok
+                            when ≤ TOL (f32), or ≤ TOL × max |logit| for a reduced DTYPE
   load URL IMAGE SECONDS CONCURRENCY [PROCESSES]   POSTs IMAGE from threads (and processes)
   lone URL IMAGE N          median x-total-time / x-inference-time of N lone requests
   wait URL SECONDS          waits until URL answers 200
@@ -57,14 +58,19 @@ def gen(d, device):
         m.cpu()
 
 
-def compare(model, o, r, tol):
+def compare(model, o, r, tol, dtype="f32"):
+    """f32: max |Δlogit| ≤ tol and the same top class. Other dtypes: max |Δlogit| ≤ tol × the
+    largest |logit| (the top class is reported, not required: random logits can lie closer together
+    than a 16-bit float resolves)."""
     from safetensors.numpy import load_file
     o, r = load_file(o), load_file(r)
     for k in sorted(r):
         diff = float(abs(o[k] - r[k]).max()) if o[k].shape == r[k].shape else float("inf")
         same = bool((o[k].argmax(1) == r[k].argmax(1)).all()) if o[k].shape == r[k].shape else False
-        out(check="parity", model=model, input=k, shape=list(r[k].shape), max_abs_diff=diff,
-            tolerance=tol, argmax_equal=same, ok=diff <= tol and same)
+        bound = tol if dtype == "f32" else tol * float(abs(r[k]).max())
+        ok = diff <= bound and (same or dtype != "f32")
+        out(check="parity", model=model, dtype=dtype, input=k, shape=list(r[k].shape),
+            max_abs_diff=diff, bound=bound, argmax_equal=same, ok=ok)
 
 
 def _load_proc(url, body, seconds, conc, q):
@@ -200,7 +206,7 @@ if __name__ == "__main__":
     if c == "gen":
         gen(a[0], a[1])
     elif c == "compare":
-        compare(a[0], a[1], a[2], float(a[3]))
+        compare(a[0], a[1], a[2], float(a[3]), *a[4:5])
     elif c == "load":
         load(a[0], a[1], float(a[2]), int(a[3]), int(a[4]) if len(a) > 4 else 1)
     elif c == "lone":

@@ -143,6 +143,9 @@ pub struct ForwardArgs {
     /// Images per forward pass; larger inputs are split into chunks of this size.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
+    /// Arithmetic of the forward pass, as for `serve`: how far from f32 another dtype lands.
+    #[arg(long, value_enum, default_value_t = Precision::F32, env = "CNNSERVE_DTYPE")]
+    pub dtype: Precision,
 }
 
 #[derive(Debug, Args)]
@@ -274,8 +277,10 @@ pub struct BenchArgs {
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     args.dtype.check(&device).map_err(anyhow::Error::msg)?;
-    let classifier = crate::engine::classifier::open(&args.weights, args.model, &device)
-        .with_context(|| format!("loading {}", args.weights.display()))?;
+    args.dtype.enable();
+    let classifier =
+        crate::engine::classifier::open(&args.weights, args.model, &device, args.dtype.dtype())
+            .with_context(|| format!("loading {}", args.weights.display()))?;
     let size = args.size as usize;
     for &batch in &args.batch {
         let batch = batch as usize;
@@ -463,8 +468,9 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
 pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     use std::io::Write;
     let device = parse_device(&args.device)?;
-    let classifier = crate::engine::classifier::open(&args.weights, args.model, &device)
-        .with_context(|| format!("loading {}", args.weights.display()))?;
+    let classifier =
+        crate::engine::classifier::open(&args.weights, args.model, &device, DType::F32)
+            .with_context(|| format!("loading {}", args.weights.display()))?;
     let transform = args.transform.unwrap_or(classifier.transform);
     let mut failed = 0;
     let mut out = std::io::stdout().lock();
@@ -481,7 +487,7 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
             Ok(p) => p,
             Err(e) => {
                 failed += 1;
-                eprintln!("{}: {e:#}", file.display());
+                eprintln!("{}: {}", file.display(), error_report(&e));
                 continue;
             }
         };
@@ -555,6 +561,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let device = parse_device(&args.device)?;
     args.dtype.check(&device).map_err(anyhow::Error::msg)?;
+    args.dtype.enable();
     let dir = args.weights_dir.clone();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the weights dir {}", dir.display()))?;
@@ -598,6 +605,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_concurrent_requests: args.max_concurrent_requests as usize,
             max_pixels: args.max_pixels,
             device: device.clone(),
+            dtype: args.dtype.dtype(),
         },
         metrics,
     );
@@ -667,8 +675,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 pub fn forward(args: &ForwardArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
-    let classifier = crate::engine::classifier::open(&args.weights, args.model, &device)
-        .with_context(|| format!("loading {}", args.weights.display()))?;
+    args.dtype.check(&device).map_err(anyhow::Error::msg)?;
+    args.dtype.enable();
+    let classifier =
+        crate::engine::classifier::open(&args.weights, args.model, &device, args.dtype.dtype())
+            .with_context(|| format!("loading {}", args.weights.display()))?;
     let inputs = candle_core::safetensors::load(&args.input, classifier.device())
         .with_context(|| format!("reading {}", args.input.display()))?;
     let mut outputs = HashMap::new();

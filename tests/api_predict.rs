@@ -677,8 +677,14 @@ async fn real_server_swaps_a_model_under_load_and_shuts_down_gracefully() {
     let swaps = tokio::task::spawn_blocking(move || {
         let mut loaded_at = Vec::new();
         for _ in 0..3 {
-            let c = Classifier::pretrained("googlenet", Arch::Googlenet, &weights, &Device::Cpu)
-                .unwrap();
+            let c = Classifier::pretrained(
+                "googlenet",
+                Arch::Googlenet,
+                &weights,
+                &Device::Cpu,
+                candle_core::DType::F32,
+            )
+            .unwrap();
             loaded_at.push(engine.insert(c).loaded_at);
         }
         loaded_at

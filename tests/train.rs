@@ -273,8 +273,13 @@ fn a_saved_head_is_served_by_predict_with_the_data_set_classes() {
         .collect();
     assert_eq!(names.len(), 3, "no temporary files left: {names:?}");
 
-    let classifier =
-        cnnserve::engine::classifier::open(&saved.weights, None, &Device::Cpu).unwrap();
+    let classifier = cnnserve::engine::classifier::open(
+        &saved.weights,
+        None,
+        &Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
     assert_eq!(classifier.labels, vec!["stripes", "blobs"]);
     assert_eq!(classifier.transform.name(), "resize256x256");
     let meta = classifier.meta.as_ref().unwrap();

@@ -231,7 +231,9 @@ fn every_vgg_variant_builds_and_runs_on_small_random_weights() {
             unreachable!()
         };
         let cfg = NetworkConfig::Vgg(cfg.narrowed(16));
-        let net = weights::build_network(arch, &cfg, random_weights(&cfg), &Device::Cpu).unwrap();
+        let net =
+            weights::build_network(arch, &cfg, random_weights(&cfg), &Device::Cpu, DType::F32)
+                .unwrap();
         // 64: the last map is 2x2, pooled up to 7x7; 97x75: odd, non-square, floors at each pool.
         for (n, h, w) in [(2, 64, 64), (1, 97, 75), (3, 224, 224)] {
             let xs = Tensor::randn(0f32, 1., (n, 3, h, w), &Device::Cpu).unwrap();

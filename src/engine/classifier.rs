@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -51,11 +51,12 @@ impl Classifier {
         arch: Arch,
         file: &Path,
         device: &Device,
+        dtype: DType,
     ) -> Result<Self, WeightsError> {
         // Hashing reads the file a second time: let it run beside the load, not after it.
         let (network, sha256) = std::thread::scope(|s| {
             let hash = s.spawn(|| sha256_file(file));
-            let network = weights::load_network(arch, file, device);
+            let network = weights::load_network_as(arch, file, device, dtype);
             let sha256 = hash.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
             (network, sha256)
         });
@@ -181,7 +182,12 @@ fn short(sha: &str) -> &str {
 
 /// Opens one model file: a fine-tuned head (a `<name>.json` beside it) is put on its base model,
 /// found in the same folder by sha256; any other file is torchvision weights of `arch`.
-pub fn open(file: &Path, arch: Option<Arch>, device: &Device) -> Result<Classifier, WeightsError> {
+pub fn open(
+    file: &Path,
+    arch: Option<Arch>,
+    device: &Device,
+    dtype: DType,
+) -> Result<Classifier, WeightsError> {
     let meta_path = file.with_extension("json");
     if !meta_path.is_file() {
         let name = weights::pth::model_name_from_file(file);
@@ -194,7 +200,7 @@ pub fn open(file: &Path, arch: Option<Arch>, device: &Device) -> Result<Classifi
                     reason: format!("{e}: say which with --model"),
                 })?,
         };
-        return Classifier::pretrained(&name, arch, file, device);
+        return Classifier::pretrained(&name, arch, file, device, dtype);
     }
     let meta = FineTunedMeta::read(&meta_path)?;
     if let Some(arch) = arch.filter(|a| *a != meta.arch) {
@@ -213,7 +219,7 @@ pub fn open(file: &Path, arch: Option<Arch>, device: &Device) -> Result<Classifi
     })?;
     for (name, base_arch, base_file) in scan.pretrained {
         if base_arch == meta.arch && sha256_file(&base_file)? == meta.base_sha256 {
-            let base = Classifier::pretrained(&name, base_arch, &base_file, device)?;
+            let base = Classifier::pretrained(&name, base_arch, &base_file, device, dtype)?;
             return Classifier::fine_tuned(meta, file, &base);
         }
     }

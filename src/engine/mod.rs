@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use serde::Serialize;
 use tokio::sync::{oneshot, Semaphore};
 
@@ -32,7 +32,9 @@ pub struct EngineConfig {
     pub max_batch_delay: Duration,
     pub max_concurrent_requests: usize,
     pub max_pixels: u64,
+    /// Where models are loaded, and the dtype their networks run in (`--dtype`).
     pub device: Device,
+    pub dtype: DType,
 }
 
 impl EngineConfig {
@@ -45,6 +47,7 @@ impl EngineConfig {
             max_concurrent_requests: 64,
             max_pixels: preprocess::DEFAULT_MAX_PIXELS,
             device,
+            dtype: DType::F32,
         }
     }
 }
@@ -362,7 +365,13 @@ impl Engine {
                 report.unchanged.push(name);
                 continue;
             }
-            match Classifier::pretrained(&name, arch, &file, &self.inner.config.device) {
+            match Classifier::pretrained(
+                &name,
+                arch,
+                &file,
+                &self.inner.config.device,
+                self.inner.config.dtype,
+            ) {
                 Ok(c) => {
                     self.insert(c);
                     report.loaded.push(name);

@@ -26,6 +26,9 @@ impl ConvBn {
         conv_vb: VarBuilder,
         bn_vb: VarBuilder,
     ) -> Result<Self> {
+        // Folded in f32 whatever the network runs in, then rounded once to its dtype.
+        let dtype = conv_vb.dtype();
+        let (conv_vb, bn_vb) = (conv_vb.to_dtype(DType::F32), bn_vb.to_dtype(DType::F32));
         let weight = conv_vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
         let bias = if cfg.conv_bias {
             Some(conv_vb.get(out_channels, "bias")?)
@@ -45,7 +48,11 @@ impl ConvBn {
         };
         let bias = (shifted * &scale)?.add(&beta)?;
         Ok(Self {
-            conv: Conv2d::new(weight, Some(bias), cfg.conv),
+            conv: Conv2d::new(
+                weight.to_dtype(dtype)?,
+                Some(bias.to_dtype(dtype)?),
+                cfg.conv,
+            ),
         })
     }
 }

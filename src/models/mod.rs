@@ -13,7 +13,7 @@ pub mod vgg;
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -174,19 +174,32 @@ impl Precision {
     }
 
     /// Whether this build can run `self` on `device`; the error is a sentence for the user.
+    /// CUDA runs all four; the CPU runs f32 (its bf16 kernels, for AVX512_BF16, are not written).
     pub fn check(self, device: &candle_core::Device) -> std::result::Result<(), String> {
         match (self, device.is_cpu()) {
-            (Precision::F32, _) => Ok(()),
+            (Precision::F32, _) | (_, false) => Ok(()),
             (other, true) => Err(format!(
                 "--dtype {} is not available on the CPU in this build: the CPU kernels run f32 \
-                 (exact); use --dtype f32",
-                other.name()
-            )),
-            (other, false) => Err(format!(
-                "--dtype {} is not available on this device in this build; use --dtype f32",
+                 (exact); use --dtype f32, or a CUDA device",
                 other.name()
             )),
         }
+    }
+
+    /// The dtype the weights and activations are held in: f32 for `f32` and `tf32` (TF32 only
+    /// changes how the GPU's matrix units multiply f32).
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 | Precision::Tf32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::F16 => DType::F16,
+        }
+    }
+
+    /// Process-wide settings the precision needs: TF32 for f32 matrix products on CUDA (a no-op in
+    /// a build without CUDA). Called once, at start, before any model is loaded.
+    pub fn enable(self) {
+        candle_core::cuda::set_gemm_reduced_precision_f32(self == Precision::Tf32);
     }
 }
 
@@ -219,41 +232,62 @@ impl Network {
     }
 
     /// Eval-mode logits `[N, classes]` for a normalized batch `[N, 3, H, W]`.
+    ///
+    /// Every method here takes f32 (or any float) inputs and answers f32, whatever dtype the
+    /// network runs in ([`Network::dtype`]): callers, and heads trained on the outputs, see f32 only.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.forward_t(xs, false)
     }
 
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let xs = self.input(xs)?;
         match self {
-            Network::Vgg(m) => m.forward_t(xs, train),
-            Network::GoogLeNet(m) => m.forward_t(xs, train),
-        }
+            Network::Vgg(m) => m.forward_t(&xs, train),
+            Network::GoogLeNet(m) => m.forward_t(&xs, train),
+        }?
+        .to_dtype(DType::F32)
     }
 
     /// The frozen embedding the last layer reads (VGG: 4096, GoogLeNet: 1024), in eval mode.
     pub fn features(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.input(xs)?;
         match self {
-            Network::Vgg(m) => m.features(xs),
-            Network::GoogLeNet(m) => m.features(xs),
-        }
+            Network::Vgg(m) => m.features(&xs),
+            Network::GoogLeNet(m) => m.features(&xs),
+        }?
+        .to_dtype(DType::F32)
     }
 
     /// The last layer (with the dropout before it) applied to [`Network::features`].
     pub fn head_forward(&self, features: &Tensor, train: bool) -> Result<Tensor> {
+        let features = self.input(features)?;
         match self {
-            Network::Vgg(m) => m.head_forward(features, train),
-            Network::GoogLeNet(m) => m.head_forward(features, train),
-        }
+            Network::Vgg(m) => m.head_forward(&features, train),
+            Network::GoogLeNet(m) => m.head_forward(&features, train),
+        }?
+        .to_dtype(DType::F32)
     }
 
     /// VGG's pooled conv features `[N, 512·7·7]`, the input of `classifier.0`.
     pub fn pooled(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Network::Vgg(m) => m.pooled(xs),
+            Network::Vgg(m) => m.pooled(&self.input(xs)?)?.to_dtype(DType::F32),
             Network::GoogLeNet(_) => {
                 candle_core::bail!("googlenet has no VGG classifier: train its `fc` (head) only")
             }
         }
+    }
+
+    /// The dtype the weights are held and the forward pass runs in (`--dtype`).
+    pub fn dtype(&self) -> DType {
+        match self {
+            Network::Vgg(m) => m.head().weight().dtype(),
+            Network::GoogLeNet(m) => m.head().weight().dtype(),
+        }
+    }
+
+    fn input(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.to_dtype(self.dtype())
     }
 
     pub fn num_classes(&self) -> usize {

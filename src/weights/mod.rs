@@ -238,32 +238,45 @@ pub fn check_tensors(
     Ok(())
 }
 
-/// Builds the network `cfg` describes from named tensors, checking them first.
+/// Builds the network `cfg` describes from named tensors, checking them first; it runs in `dtype`
+/// (batch norms are folded in f32 first).
 pub fn build_network(
     arch: Arch,
     cfg: &NetworkConfig,
     tensors: HashMap<String, Tensor>,
     device: &Device,
+    dtype: DType,
 ) -> Result<Network, WeightsError> {
     check_tensors(arch, &expected_tensors(cfg, device)?, &tensors)?;
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
     Ok(Network::new(cfg, vb)?)
 }
 
-/// Builds torchvision's `arch` from named tensors; the class count comes from its last layer.
+/// Builds torchvision's `arch` in f32 from named tensors; the class count comes from its last layer.
 pub fn build_torchvision(
     arch: Arch,
     tensors: HashMap<String, Tensor>,
     device: &Device,
 ) -> Result<Network, WeightsError> {
     let cfg = arch.config(num_classes(arch, &tensors)?);
-    build_network(arch, &cfg, tensors, device)
+    build_network(arch, &cfg, tensors, device, DType::F32)
 }
 
-/// Reads a weights file of any supported format and builds torchvision's `arch` from it.
+/// Reads a weights file of any supported format and builds torchvision's `arch` from it, in f32.
 pub fn load_network(arch: Arch, path: &Path, device: &Device) -> Result<Network, WeightsError> {
+    load_network_as(arch, path, device, DType::F32)
+}
+
+/// [`load_network`] for a network that runs in `dtype` (`--dtype`).
+pub fn load_network_as(
+    arch: Arch,
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<Network, WeightsError> {
     let tensors = to_f32(read_tensors(path, device)?)?;
-    build_torchvision(arch, tensors, device)
+    let cfg = arch.config(num_classes(arch, &tensors)?);
+    build_network(arch, &cfg, tensors, device, dtype)
 }
 
 /// Writes named tensors as safetensors, atomically.
