@@ -643,14 +643,34 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let url = args.weights_url.clone();
     let starter = jobs.clone();
+    // Every model found (and the one to download) is `loading` from the first request on.
+    engine.expect(
+        found
+            .pretrained
+            .iter()
+            .map(|(name, arch, _)| (name.clone(), Some(*arch)))
+            .chain(
+                found
+                    .fine_tuned
+                    .iter()
+                    .map(|(meta, _)| (meta.name.clone(), Some(meta.arch))),
+            )
+            .chain(to_fetch.map(|arch| (arch.name().to_string(), Some(arch)))),
+    );
     tokio::task::spawn_blocking(move || {
+        let mut fetch_error = None;
         if let Some(arch) = to_fetch {
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
             if let Err(e) = weights::fetch::fetch_torchvision(arch, &dir, &url, progress) {
                 tracing::error!(error = %e, "could not download the default model");
+                fetch_error = Some((arch, e.to_string()));
             }
         }
         let report = engine.reload(&dir);
+        if let Some((arch, error)) = fetch_error {
+            let error = format!("could not download it: {error}");
+            engine.mark_failed(arch.name(), Some(arch), error);
+        }
         if report.loaded.is_empty() && report.unchanged.is_empty() {
             tracing::error!("no model could be loaded: see the warnings above");
         }

@@ -23,7 +23,10 @@ function showError(id, error) {
 }
 
 async function loadModels() {
-  const { default_model, models } = await api("/models");
+  const { default_model, models: all } = await api("/models");
+  // Models still loading or failed have no classes yet: list the ones that answer.
+  const models = all.filter((m) => m.state === "ready");
+  const loading = all.filter((m) => m.state === "loading").length;
   const options = models.map((m) => {
     const o = document.createElement("option");
     o.value = m.name;
@@ -38,7 +41,10 @@ async function loadModels() {
     return o;
   });
   $("base-model").replaceChildren(...bases);
-  $("status").textContent = models.length ? `${models.length} model(s) ready` : "loading models…";
+  $("status").textContent =
+    (models.length ? `${models.length} model(s) ready` : "no model ready") +
+    (loading ? `, ${loading} loading…` : "");
+  if (loading) setTimeout(() => loadModels().catch(() => {}), 2000);
 }
 
 async function classify(file) {

@@ -839,3 +839,89 @@ async fn the_openapi_document_describes_every_endpoint() {
         .is_some());
     assert!(schemas["Single"]["properties"].get("predictions").is_some());
 }
+
+/// Readiness while models load (issue: "readiness lies while models load"): the default model is
+/// never replaced by another, requests for a model still loading get 503 `model_loading` with
+/// `Retry-After`, and `/health` turns 200 only once everything settled and the default is ready.
+#[tokio::test]
+async fn readiness_waits_for_every_model_and_the_default_is_never_replaced() {
+    let app = app();
+    // vgg11_bn (the configured default) was found and is still loading; googlenet answers.
+    let engine = app.state.engine.clone();
+    engine.expect([("vgg11_bn".to_string(), Some(Arch::Vgg11Bn))]);
+    let state = AppState::new(
+        engine.clone(),
+        ServerConfig {
+            weights_dir: app.dir.path().to_path_buf(),
+            payload_limit: 20_000_000,
+            device_name: "cpu".into(),
+            max_dataset_bytes: 1 << 30,
+        },
+        Some("vgg11_bn".into()),
+    );
+    let router = server::router(state);
+
+    let (s, j) = get(&router, "/health").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{j}");
+    assert_eq!(j["status"], "loading");
+    assert_eq!(j["default_model"], "vgg11_bn");
+    assert_eq!(
+        j["models"],
+        serde_json::json!([{"name": "googlenet", "state": "ready"}, {"name": "vgg11_bn", "state": "loading"}])
+    );
+    let (_, j) = get(&router, "/models").await;
+    assert_eq!(
+        j["default_model"], "vgg11_bn",
+        "never replaced by googlenet"
+    );
+    assert_eq!(j["models"][0]["state"], "ready");
+    assert_eq!(j["models"][0]["name"], "googlenet");
+    assert_eq!(j["models"][1]["state"], "loading");
+    assert_eq!(j["models"][1]["architecture"], "vgg11_bn");
+    for uri in [
+        "/predict",
+        "/predict?model=vgg11_bn",
+        "/models/vgg11_bn/predict",
+    ] {
+        let (s, headers, j) = send(&router, raw(uri, "image/jpeg", image("img1.jpg"))).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{uri}: {j}");
+        assert_eq!(j["error_type"], "model_loading", "{uri}: {j}");
+        assert_eq!(headers["retry-after"], "5", "{uri}");
+    }
+    let (s, j) = get(&router, "/models/vgg11_bn").await;
+    assert_eq!(
+        (s, &j["error_type"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &"model_loading".into())
+    );
+    let (s, _, j) = send(
+        &router,
+        raw("/predict?model=googlenet", "image/jpeg", image("img1.jpg")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{j}");
+
+    // Its load fails: settled, but the default is not ready.
+    engine.mark_failed(
+        "vgg11_bn",
+        Some(Arch::Vgg11Bn),
+        "the file is truncated".into(),
+    );
+    let (s, j) = get(&router, "/health").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{j}");
+    assert_eq!(j["status"], "unavailable");
+    assert_eq!(j["models"][1]["state"], "failed");
+    assert_eq!(j["models"][1]["error"], "the file is truncated");
+    let (_, j) = get(&router, "/models").await;
+    assert_eq!(j["models"][1]["state"], "failed");
+    assert_eq!(j["models"][1]["error"], "the file is truncated");
+    let (s, _, j) = send(&router, raw("/predict", "image/jpeg", image("img1.jpg"))).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{j}");
+    assert_eq!(j["error_type"], "model_unavailable");
+    assert!(j["error"].as_str().unwrap().contains("truncated"), "{j}");
+
+    // Everything settled and the default ready: 200. (The app's own state has googlenet as its
+    // default; the failed vgg11_bn is reported, not waited for.)
+    let (s, j) = get(&app.router, "/health").await;
+    assert_eq!(s, StatusCode::OK, "{j}");
+    assert_eq!(j["status"], "ok");
+}

@@ -74,6 +74,45 @@ pub enum EngineError {
     Inference(String),
     #[error("the device ran out of memory for this batch ({0}); retry shortly, or send fewer or smaller images")]
     OutOfMemory(String),
+    #[error("model `{0}` is still loading; retry in a few seconds")]
+    Loading(String),
+    #[error("model `{name}` could not be loaded: {error}")]
+    LoadFailed { name: String, error: String },
+}
+
+/// Where a model found in the weights dir stands: `loading` until it is served (`ready`) or its
+/// load failed (`failed`, with the reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelState {
+    Loading,
+    Ready,
+    Failed(String),
+}
+
+impl ModelState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ModelState::Loading => "loading",
+            ModelState::Ready => "ready",
+            ModelState::Failed(_) => "failed",
+        }
+    }
+
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            ModelState::Failed(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// A model found in the weights dir that is not served: loading, or failed to load.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub name: String,
+    pub arch: Option<Arch>,
+    /// `None` while loading; the reason once the load failed.
+    pub error: Option<String>,
 }
 
 impl EngineError {
@@ -143,6 +182,9 @@ pub use worker::Hold;
 struct Inner {
     config: EngineConfig,
     models: RwLock<BTreeMap<String, Slot>>,
+    /// Models found but not served (yet): one home for `loading` and `failed`. A name leaves it
+    /// when its model is inserted, or when its file is gone.
+    pending: RwLock<BTreeMap<String, Pending>>,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
 }
@@ -159,6 +201,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 config,
                 models: RwLock::new(BTreeMap::new()),
+                pending: RwLock::new(BTreeMap::new()),
                 permits,
                 metrics,
             }),
@@ -178,6 +221,11 @@ impl Engine {
     pub fn insert(&self, classifier: Classifier) -> Arc<Classifier> {
         let classifier = Arc::new(classifier);
         let mut models = self.inner.models.write().expect("model registry lock");
+        self.inner
+            .pending
+            .write()
+            .expect("pending models lock")
+            .remove(&classifier.name);
         match models.get_mut(&classifier.name) {
             Some(slot) => slot.classifier = classifier.clone(),
             None => {
@@ -234,15 +282,82 @@ impl Engine {
             .collect()
     }
 
+    /// Marks models about to be loaded as `loading` (those not served already), so that readiness
+    /// and requests see them from the first moment, before their loads start.
+    pub fn expect(&self, models: impl IntoIterator<Item = (String, Option<Arch>)>) {
+        let served = self.inner.models.read().expect("model registry lock");
+        let mut pending = self.inner.pending.write().expect("pending models lock");
+        for (name, arch) in models {
+            if !served.contains_key(&name) {
+                let error = None;
+                pending.insert(name.clone(), Pending { name, arch, error });
+            }
+        }
+    }
+
+    /// Records that model `name` could not be made ready (a load or a download failed).
+    pub fn mark_failed(&self, name: &str, arch: Option<Arch>, error: String) {
+        let name = name.to_string();
+        let error = Some(error);
+        self.inner
+            .pending
+            .write()
+            .expect("pending models lock")
+            .insert(name.clone(), Pending { name, arch, error });
+    }
+
+    /// Models found but not served: loading, or failed.
+    pub fn pending(&self) -> Vec<Pending> {
+        let pending = self.inner.pending.read().expect("pending models lock");
+        pending.values().cloned().collect()
+    }
+
+    /// The state of model `name`, if the engine knows of it.
+    pub fn state(&self, name: &str) -> Option<ModelState> {
+        if self.get(name).is_some() {
+            return Some(ModelState::Ready);
+        }
+        let pending = self.inner.pending.read().expect("pending models lock");
+        pending.get(name).map(|p| match &p.error {
+            None => ModelState::Loading,
+            Some(e) => ModelState::Failed(e.clone()),
+        })
+    }
+
+    /// Every known model's state, by name: served ones `ready`, the others `loading` or `failed`.
+    pub fn states(&self) -> BTreeMap<String, ModelState> {
+        let mut states: BTreeMap<String, ModelState> = self
+            .model_names()
+            .into_iter()
+            .map(|n| (n, ModelState::Ready))
+            .collect();
+        for p in self.pending() {
+            let state = match p.error {
+                None => ModelState::Loading,
+                Some(e) => ModelState::Failed(e),
+            };
+            states.entry(p.name).or_insert(state);
+        }
+        states
+    }
+
     pub fn model_names(&self) -> Vec<String> {
         let models = self.inner.models.read().expect("model registry lock");
         models.keys().cloned().collect()
     }
 
-    fn unknown(&self, name: &str) -> EngineError {
-        EngineError::UnknownModel {
-            name: name.to_string(),
-            known: self.model_names(),
+    /// Why model `name` cannot answer: still loading, failed to load, or unknown.
+    pub fn unknown(&self, name: &str) -> EngineError {
+        match self.state(name) {
+            Some(ModelState::Loading) => EngineError::Loading(name.to_string()),
+            Some(ModelState::Failed(error)) => EngineError::LoadFailed {
+                name: name.to_string(),
+                error,
+            },
+            _ => EngineError::UnknownModel {
+                name: name.to_string(),
+                known: self.model_names(),
+            },
         }
     }
 
@@ -358,6 +473,20 @@ impl Engine {
             }
         };
         report.skipped = found.skipped;
+        self.expect(
+            found
+                .pretrained
+                .iter()
+                .filter(|(name, _, file)| !self.is_current(name, file))
+                .map(|(name, arch, _)| (name.clone(), Some(*arch)))
+                .chain(
+                    found
+                        .fine_tuned
+                        .iter()
+                        .filter(|(meta, file)| !self.is_current(&meta.name, file))
+                        .map(|(meta, _)| (meta.name.clone(), Some(meta.arch))),
+                ),
+        );
         let mut wanted: Vec<String> = Vec::new();
         for (name, arch, file) in found.pretrained {
             wanted.push(name.clone());
@@ -376,7 +505,12 @@ impl Engine {
                     self.insert(c);
                     report.loaded.push(name);
                 }
-                Err(e) => report.failed.push((file, e.to_string())),
+                Err(e) => {
+                    if self.get(&name).is_none() {
+                        self.mark_failed(&name, Some(arch), e.to_string());
+                    }
+                    report.failed.push((file, e.to_string()));
+                }
             }
         }
         for (meta, file) in found.fine_tuned {
@@ -390,22 +524,25 @@ impl Engine {
                 .models()
                 .into_iter()
                 .find(|c| c.kind == ModelKind::Pretrained && c.sha256 == meta.base_sha256);
-            let Some(base) = base else {
-                report.failed.push((
-                    file,
-                    format!(
-                        "its base model {} (sha256 {}) is not in the weights dir",
-                        meta.base_model, meta.base_sha256
-                    ),
-                ));
-                continue;
+            let arch = meta.arch;
+            let loaded = match base {
+                None => Err(format!(
+                    "its base model {} (sha256 {}) is not in the weights dir",
+                    meta.base_model, meta.base_sha256
+                )),
+                Some(base) => Classifier::fine_tuned(meta, &file, &base).map_err(|e| e.to_string()),
             };
-            match Classifier::fine_tuned(meta, &file, &base) {
+            match loaded {
                 Ok(c) => {
                     self.insert(c);
                     report.loaded.push(name);
                 }
-                Err(e) => report.failed.push((file, e.to_string())),
+                Err(e) => {
+                    if self.get(&name).is_none() {
+                        self.mark_failed(&name, Some(arch), e.clone());
+                    }
+                    report.failed.push((file, e));
+                }
             }
         }
         for name in self.model_names() {
@@ -414,6 +551,11 @@ impl Engine {
                 report.removed.push(name);
             }
         }
+        self.inner
+            .pending
+            .write()
+            .expect("pending models lock")
+            .retain(|name, _| wanted.contains(name));
         for (file, error) in &report.failed {
             tracing::warn!(file = %file.display(), %error, "model not loaded");
         }

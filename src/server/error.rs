@@ -18,6 +18,8 @@ pub struct ApiError {
     pub message: String,
     /// Structured detail for the client, e.g. every problem of a data set.
     pub details: Option<serde_json::Value>,
+    /// Seconds for a `Retry-After` header (a state that passes, such as a model still loading).
+    pub retry_after: Option<u64>,
 }
 
 /// The JSON of every error answer (documentation of [`Body`]).
@@ -47,7 +49,13 @@ impl ApiError {
             error_type,
             message: message.into(),
             details: None,
+            retry_after: None,
         }
+    }
+
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     pub fn with_details(mut self, details: serde_json::Value) -> Self {
@@ -125,6 +133,15 @@ impl From<EngineError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "device_out_of_memory",
                 message,
+            )
+            .retry_after(1),
+            EngineError::Loading(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "model_loading", message).retry_after(5)
+            }
+            EngineError::LoadFailed { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "model_unavailable",
+                message,
             ),
             EngineError::Weights(_) | EngineError::Inference(_) => Self::internal(message),
         }
@@ -173,8 +190,9 @@ impl From<TrainError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            // Details of our own failures go to the log, not to the client.
+        if self.status == StatusCode::INTERNAL_SERVER_ERROR {
+            // Details of our own failures go to the log, not to the client. (A 503 is a state
+            // the client can act on, and says which.)
             tracing::error!(error = %self.message, "request failed");
             let body = Body {
                 error: "internal server error; see the server log",
@@ -188,7 +206,13 @@ impl IntoResponse for ApiError {
             error_type: self.error_type,
             details: self.details.as_ref(),
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -205,6 +229,20 @@ mod tests {
         assert_eq!(oom.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(oom.error_type, "device_out_of_memory");
         assert!(oom.message.contains("retry"), "{}", oom.message);
+        let response = oom.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = futures_util::FutureExt::now_or_never(axum::body::to_bytes(
+            response.into_body(),
+            usize::MAX,
+        ))
+        .expect("a buffered body")
+        .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error_type"], "device_out_of_memory");
+        assert!(
+            body["error"].as_str().unwrap().contains("out of memory"),
+            "{body}"
+        );
         let other = ApiError::from(EngineError::from_forward("shape mismatch".into()));
         assert_eq!(other.status, StatusCode::INTERNAL_SERVER_ERROR);
     }

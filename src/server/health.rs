@@ -7,23 +7,37 @@ use axum::Json;
 use serde_json::json;
 
 use super::AppState;
+use crate::engine::ModelState;
 
-/// Readiness: 503 until at least one model can answer.
+/// Readiness: 200 once every model found at start has settled (ready or failed) and the default
+/// model is ready; else 503. Both answer `{"status", "default_model", "models": [{"name", "state",
+/// "error"?}]}`.
 #[utoipa::path(get, path = "/health", tag = "operations",
-    responses((status = 200, description = "`{\"status\": \"ok\", \"models\": [...]}`"), (status = 503, description = "No model loaded yet")))]
+    responses((status = 200, description = "`{\"status\": \"ok\", \"default_model\": …, \"models\": [{\"name\", \"state\"}]}`"),
+        (status = 503, description = "Models still loading, or the default model not ready: `status` is `loading` or `unavailable`")))]
 pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
-    let models = state.engine.model_names();
-    if models.is_empty() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "loading", "models": models })),
-        )
-    } else {
-        (
-            StatusCode::OK,
-            Json(json!({ "status": "ok", "models": models })),
-        )
-    }
+    let states = state.engine.states();
+    let default = state.default_model();
+    let loading = states.values().any(|s| *s == ModelState::Loading);
+    let default_ready = default
+        .as_deref()
+        .is_some_and(|d| states.get(d) == Some(&ModelState::Ready));
+    let (status, word) = match (loading, default_ready) {
+        (false, true) => (StatusCode::OK, "ok"),
+        (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+        (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
+    let models: Vec<serde_json::Value> = states
+        .iter()
+        .map(|(name, s)| match s.error() {
+            Some(error) => json!({ "name": name, "state": s.name(), "error": error }),
+            None => json!({ "name": name, "state": s.name() }),
+        })
+        .collect();
+    (
+        status,
+        Json(json!({ "status": word, "default_model": default, "models": models })),
+    )
 }
 
 /// Liveness: the process answers.

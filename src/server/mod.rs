@@ -59,7 +59,8 @@ impl AppState {
         self
     }
 
-    /// The configured default when it is loaded, else the first model loaded.
+    /// The configured default whenever the weights dir has it (also while it loads, or after its
+    /// load failed: it is never replaced by another model); else the first model served.
     pub fn default_model(&self) -> Option<String> {
         let configured = self
             .default_model
@@ -67,7 +68,7 @@ impl AppState {
             .expect("default model lock")
             .clone();
         match configured {
-            Some(name) if self.engine.get(&name).is_some() => Some(name),
+            Some(name) if self.engine.state(&name).is_some() => Some(name),
             configured => self.engine.model_names().into_iter().next().or(configured),
         }
     }

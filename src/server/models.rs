@@ -30,6 +30,8 @@ pub struct ModelView {
     pub sha256: String,
     pub loaded_at: DateTime<Utc>,
     pub default: bool,
+    /// Always `ready`: the model answers.
+    pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub base_model: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -37,10 +39,32 @@ pub struct ModelView {
     pub metrics: Option<serde_json::Value>,
 }
 
+/// A model found in the weights dir that is not served: `loading`, or `failed` with its `error`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct PendingView {
+    pub name: String,
+    /// `loading` or `failed`.
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+    pub default: bool,
+}
+
+/// One entry of `GET /models`: a served model (`"state": "ready"`) or one that is not (yet).
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum ModelEntry {
+    Ready(ModelView),
+    Pending(PendingView),
+}
+
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ModelList {
     pub default_model: Option<String>,
-    pub models: Vec<ModelView>,
+    /// By name: served models and those still loading or failed.
+    pub models: Vec<ModelEntry>,
 }
 
 impl ModelView {
@@ -65,25 +89,45 @@ impl ModelView {
             sha256: c.sha256.clone(),
             loaded_at: c.loaded_at,
             default,
+            state: "ready",
             base_model: c.meta.as_ref().map(|m| m.base_model.clone()),
             metrics: c.meta.as_ref().map(|m| m.metrics.clone()),
         }
     }
 }
 
-/// The loaded models, with the default one.
+/// Every model of the weights dir with its state (`ready`, `loading`, `failed`), and the default one.
 #[utoipa::path(get, path = "/models", tag = "models", responses((status = 200, body = ModelList)))]
 pub async fn list(State(state): State<AppState>) -> Json<ModelList> {
     let default = state.default_model();
-    let models: Vec<ModelView> = state
+    let is_default = |name: &str| default.as_deref() == Some(name);
+    let mut models: Vec<(String, ModelEntry)> = state
         .engine
         .models()
         .iter()
-        .map(|c| ModelView::new(c, default.as_deref() == Some(&c.name), false))
+        .map(|c| {
+            let view = ModelView::new(c, is_default(&c.name), false);
+            (c.name.clone(), ModelEntry::Ready(view))
+        })
         .collect();
+    for p in state.engine.pending() {
+        let view = PendingView {
+            state: if p.error.is_some() {
+                "failed"
+            } else {
+                "loading"
+            },
+            default: is_default(&p.name),
+            architecture: p.arch.map(|a| a.to_string()),
+            error: p.error,
+            name: p.name.clone(),
+        };
+        models.push((p.name, ModelEntry::Pending(view)));
+    }
+    models.sort_by(|a, b| a.0.cmp(&b.0));
     Json(ModelList {
         default_model: default,
-        models,
+        models: models.into_iter().map(|(_, m)| m).collect(),
     })
 }
 
@@ -128,9 +172,7 @@ pub async fn reload(State(state): State<AppState>) -> Result<Json<ReloadReport>,
     Ok(Json(report))
 }
 
+/// Model `name` is not served: 404 when unknown, 503 while it loads or when its load failed.
 pub fn unknown(state: &AppState, name: &str) -> ApiError {
-    ApiError::from(crate::engine::EngineError::UnknownModel {
-        name: name.to_string(),
-        known: state.engine.model_names(),
-    })
+    ApiError::from(state.engine.unknown(name))
 }
