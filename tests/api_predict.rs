@@ -925,3 +925,81 @@ async fn readiness_waits_for_every_model_and_the_default_is_never_replaced() {
     assert_eq!(s, StatusCode::OK, "{j}");
     assert_eq!(j["status"], "ok");
 }
+
+/// Every route, asked with a method it does not take and with parameters its extractors reject,
+/// answers JSON `{"error", "error_type"}` with a 4xx (axum's own rejections included).
+#[tokio::test]
+async fn every_route_answers_wrong_methods_and_bad_parameters_in_json() {
+    let app = app();
+    let (_, doc) = get(&app.router, "/openapi.json").await;
+    let mut routes: Vec<(String, Vec<String>)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(path, item)| {
+            (
+                path.clone(),
+                item.as_object().unwrap().keys().cloned().collect(),
+            )
+        })
+        .collect();
+    for path in ["/", "/static/app.js", "/static/style.css", "/openapi.json"] {
+        routes.push((path.to_string(), vec!["get".to_string()]));
+    }
+    assert!(routes.len() >= 19, "{routes:?}");
+    let concrete = |path: &str| {
+        path.replace("{name}", "googlenet")
+            .replace("{id}", "0123456789ab")
+            .replace("{n}", "0")
+    };
+    let mut checked = 0;
+    for (path, methods) in &routes {
+        for method in ["get", "post", "delete", "put", "patch"] {
+            if methods.iter().any(|m| m == method) {
+                continue;
+            }
+            let request = Request::builder()
+                .method(method.to_uppercase().as_str())
+                .uri(concrete(path))
+                .body(Body::empty())
+                .unwrap();
+            let (s, headers, j) = send(&app.router, request).await;
+            assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}: {j}");
+            assert_eq!(
+                j["error_type"], "method_not_allowed",
+                "{method} {path}: {j}"
+            );
+            assert!(j["error"].as_str().unwrap().contains("not allowed"), "{j}");
+            assert!(headers.contains_key("allow"), "{method} {path}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 60, "{checked} wrong methods tried");
+
+    let bad = [
+        Request::get("/jobs/0123456789ab/examples/abc"),
+        Request::get("/models/googlenet/download?format=json&format=json"),
+        Request::get("/models/googlenet/download?format=xml"),
+        Request::post("/predict?top_k=many").header("content-type", "image/jpeg"),
+        Request::post("/predict?top_k=-1").header("content-type", "image/jpeg"),
+        Request::delete("/jobs/0123456789ab?purge=maybe"),
+        Request::post("/finetune").header("content-type", "text/plain"),
+        Request::post("/finetune").header("content-type", "multipart/form-data"),
+        Request::get("/no/such/path"),
+    ];
+    for request in bad {
+        let request = request.body(Body::from(image("img1.jpg"))).unwrap();
+        let what = format!("{} {}", request.method(), request.uri());
+        let (s, headers, j) = send(&app.router, request).await;
+        assert!(
+            s.is_client_error() || s == StatusCode::SERVICE_UNAVAILABLE,
+            "{what}: {s} {j}"
+        );
+        assert_eq!(headers["content-type"], "application/json", "{what}");
+        assert!(
+            j["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{what}: {j}"
+        );
+        assert!(j["error_type"].as_str().is_some(), "{what}: {j}");
+    }
+}

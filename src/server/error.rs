@@ -216,6 +216,65 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The one fallback for the errors axum answers by itself: rejections of the path, query, JSON and
+/// multipart extractors (plain text) and 405 (an empty body). They leave as JSON
+/// `{"error", "error_type"}` with their status, like every other error; a 405 names the methods
+/// the path takes.
+pub async fn json_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::header::{ALLOW, CONTENT_TYPE};
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let allow = parts
+        .headers
+        .get(ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let message = match (status, &allow) {
+        (StatusCode::METHOD_NOT_ALLOWED, Some(allow)) => {
+            format!("{method} is not allowed on {path}; it takes {allow}")
+        }
+        _ if !text.is_empty() => text,
+        _ => format!(
+            "{} ({method} {path})",
+            status.canonical_reason().unwrap_or("error").to_lowercase()
+        ),
+    };
+    let error_type = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
+        StatusCode::TOO_MANY_REQUESTS => "overloaded",
+        s if s.is_server_error() => "internal",
+        _ => "error",
+    };
+    let mut response = ApiError::new(status, error_type, message).into_response();
+    if let Some(allow) = parts.headers.get(ALLOW) {
+        response.headers_mut().insert(ALLOW, allow.clone());
+    }
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
