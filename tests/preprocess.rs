@@ -583,3 +583,39 @@ fn mangled_files_never_panic() {
         }
     }
 }
+
+/// The pixel limit holds the same way for every format: a header edited to claim a huge size is
+/// `TooManyPixels` with that size (422 over HTTP), never a decode error.
+#[test]
+fn every_format_reports_an_oversized_header_as_too_many_pixels() {
+    let small = pattern(8, 8);
+    let encode = |format: image::ImageFormat| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(small.clone())
+            .write_to(&mut out, format)
+            .unwrap();
+        out.into_inner()
+    };
+    let mut bmp = encode(image::ImageFormat::Bmp);
+    bmp[18..22].copy_from_slice(&100_000i32.to_le_bytes());
+    bmp[22..26].copy_from_slice(&100_000i32.to_le_bytes());
+    let mut gif = encode(image::ImageFormat::Gif);
+    gif[6..10].copy_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF]);
+    let mut webp = encode(image::ImageFormat::WebP);
+    assert_eq!(&webp[12..16], b"VP8L", "a lossless WebP");
+    let bits = u32::from_le_bytes(webp[21..25].try_into().unwrap());
+    let bits = (bits & !((1 << 28) - 1)) | 16382 | (16382 << 14);
+    webp[21..25].copy_from_slice(&bits.to_le_bytes());
+    for (name, bytes, size) in [
+        ("BMP", bmp, (100_000, 100_000)),
+        ("GIF", gif, (65_535, 65_535)),
+        ("WebP", webp, (16_383, 16_383)),
+    ] {
+        match decode_rgb(&bytes, DEFAULT_MAX_PIXELS) {
+            Err(ImageError::TooManyPixels { width, height, .. }) => {
+                assert_eq!((width, height), size, "{name}")
+            }
+            other => panic!("{name}: expected TooManyPixels, got {other:?}"),
+        }
+    }
+}

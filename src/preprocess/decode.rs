@@ -117,6 +117,20 @@ fn decode_inner(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
         // zune-jpeg pads a truncated scan with grey and reports success, so check first.
         check_jpeg_complete(bytes)?;
     }
+    // image-rs's BMP decoder refuses sides over 65535 before it says the size: read it here, so
+    // that every format reports an oversized header the same way.
+    if let Some((width, height)) = (format == ImageFormat::Bmp)
+        .then(|| bmp_declared_size(bytes))
+        .flatten()
+    {
+        if u64::from(width) * u64::from(height) > max_pixels {
+            return Err(ImageError::TooManyPixels {
+                width,
+                height,
+                limit: max_pixels,
+            });
+        }
+    }
     let result = decode_with_image_crate(reader, format, max_pixels);
     match (result, unsupported_jpeg) {
         // Neither decoder handles it: name the feature our decoder recognised.
@@ -164,6 +178,25 @@ fn decode_with_image_crate(
 
     let decoded = DynamicImage::from_decoder(decoder).map_err(map)?;
     Ok(upright(to_rgb8_like_pillow(decoded, name)?, orientation))
+}
+
+/// A BMP's width and height as its header declares them: `BITMAPCOREHEADER` (12 bytes) holds
+/// 16-bit sides, the later headers signed 32-bit ones (a negative height means top-down rows).
+fn bmp_declared_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    let u16_at = |at: usize| -> Option<u32> {
+        Some(u32::from(u16::from_le_bytes(
+            bytes.get(at..at + 2)?.try_into().ok()?,
+        )))
+    };
+    let i32_at = |at: usize| -> Option<u32> {
+        Some(i32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?).unsigned_abs())
+    };
+    let header_size = u32::from_le_bytes(bytes.get(14..18)?.try_into().ok()?);
+    if header_size == 12 {
+        Some((u16_at(18)?, u16_at(20)?))
+    } else {
+        Some((i32_at(18)?, i32_at(22)?))
+    }
 }
 
 /// Apply an EXIF orientation so that the image displays as the camera meant it.
