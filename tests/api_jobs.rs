@@ -575,3 +575,49 @@ async fn a_restart_keeps_finished_jobs_runs_queued_ones_and_fails_interrupted_on
     assert_eq!(ids.len(), 4, "{ids:?}");
     assert_eq!(ids[0], queued.as_str(), "newest first");
 }
+
+/// Cancel and finish cannot both win. Held just before its commit point, a finished training
+/// is cancelled (202) and ends `cancelled` with no model; held just after it, the cancel is
+/// answered 409 and the job ends `succeeded` with its model served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_either_stops_the_job_or_is_refused_never_both() {
+    use cnnserve::jobs::Checkpoint;
+    let dir = weights_dir();
+    let app = app(dir.path(), 1 << 30, true);
+    let zip = dataset_zip(4);
+    for (at, name) in [
+        (Checkpoint::BeforeCommit, "early"),
+        (Checkpoint::AfterCommit, "late"),
+    ] {
+        let hold = app.jobs.hold(at);
+        let fields = [("base_model", "googlenet"), ("name", name), ("epochs", "1")];
+        let (s, _, job) = send(&app.router, finetune(&fields, Some(&zip))).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+        let id = job["job_id"].as_str().unwrap().to_string();
+        let reached =
+            tokio::task::block_in_place(|| hold.wait_until_reached(Duration::from_secs(120)));
+        assert!(reached, "the job never reached {at:?}");
+        let (s, answer) = delete(&app.router, &format!("/jobs/{id}")).await;
+        drop(hold);
+        let job = wait_for(&app.router, &id, finished).await;
+        let model_file = dir.path().join(format!("{name}.safetensors"));
+        match at {
+            Checkpoint::BeforeCommit => {
+                assert_eq!(s, StatusCode::ACCEPTED, "{answer}");
+                assert_eq!(job["status"], "cancelled", "{job}");
+                assert!(app.engine.get(name).is_none(), "nothing published");
+                assert!(!model_file.exists(), "no model file");
+            }
+            Checkpoint::AfterCommit => {
+                assert_eq!(s, StatusCode::CONFLICT, "{answer}");
+                assert!(
+                    answer["error"].as_str().unwrap().contains("too late"),
+                    "{answer}"
+                );
+                assert_eq!(job["status"], "succeeded", "{job}");
+                assert!(app.engine.get(name).is_some(), "published");
+                assert!(model_file.exists());
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@
 
 pub mod store;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -166,7 +166,54 @@ struct State {
     /// Validated data sets of queued jobs, so that they are not decoded twice.
     datasets: HashMap<String, Dataset>,
     cancel: HashMap<String, Arc<AtomicBool>>,
+    /// Running jobs past their commit point: trained, not cancelled, now saving and publishing
+    /// their model. A cancel of one of these is answered 409.
+    publishing: HashSet<String>,
     shutting_down: bool,
+}
+
+/// Where a job can be held by [`JobManager::hold`] (a test aid): just before its commit point
+/// (where a cancel still wins) or just after it (where a cancel is too late).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    BeforeCommit,
+    AfterCommit,
+}
+
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    held: Option<Checkpoint>,
+    /// Jobs waiting at the held checkpoint.
+    waiting: usize,
+}
+
+/// Keeps jobs waiting at a [`Checkpoint`] until dropped.
+pub struct Hold(Arc<Shared>);
+
+impl Hold {
+    /// Blocks until a job waits at the held checkpoint; false after `timeout` without one.
+    pub fn wait_until_reached(&self, timeout: Duration) -> bool {
+        let gate = &self.0.gate;
+        let state = gate.state.lock().expect("gate lock");
+        let (state, _) = gate
+            .changed
+            .wait_timeout_while(state, timeout, |s| s.waiting == 0)
+            .expect("gate lock");
+        state.waiting > 0
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.gate.state.lock().expect("gate lock").held = None;
+        self.0.gate.changed.notify_all();
+    }
 }
 
 struct Shared {
@@ -178,6 +225,7 @@ struct Shared {
     wake: Condvar,
     events: broadcast::Sender<JobEvent>,
     pool: rayon::ThreadPool,
+    gate: Gate,
 }
 
 #[derive(Clone)]
@@ -227,11 +275,13 @@ impl JobManager {
                     queue,
                     datasets: HashMap::new(),
                     cancel: HashMap::new(),
+                    publishing: HashSet::new(),
                     shutting_down: false,
                 }),
                 wake: Condvar::new(),
                 events,
                 pool,
+                gate: Gate::default(),
             }),
         };
         manager.update_gauges();
@@ -369,6 +419,11 @@ impl JobManager {
                 self.finish(job.clone())?;
                 Ok(job)
             }
+            // Decided under the state lock, as the commit point is: either the job has not
+            // committed and will stop, or it has and the cancel is refused.
+            Status::Running if state.publishing.contains(id) => Err(JobError::Conflict(format!(
+                "job {id} has finished training and is saving its model: too late to cancel"
+            ))),
             Status::Running => {
                 if let Some(flag) = state.cancel.get(id) {
                     flag.store(true, Ordering::Relaxed);
@@ -505,7 +560,44 @@ impl JobManager {
             }
             let mut state = self.shared.state.lock().expect("job state lock");
             state.cancel.remove(&id);
+            state.publishing.remove(&id);
         }
+    }
+
+    /// Holds every job that reaches `at` until the guard is dropped. A test aid, for seeing a
+    /// cancel meet a finishing job on either side of its commit point without relying on timing.
+    pub fn hold(&self, at: Checkpoint) -> Hold {
+        self.shared.gate.state.lock().expect("gate lock").held = Some(at);
+        Hold(self.shared.clone())
+    }
+
+    fn checkpoint(&self, at: Checkpoint) {
+        let gate = &self.shared.gate;
+        let mut state = gate.state.lock().expect("gate lock");
+        if state.held != Some(at) {
+            return;
+        }
+        state.waiting += 1;
+        gate.changed.notify_all();
+        while state.held == Some(at) {
+            state = gate.changed.wait(state).expect("gate lock");
+        }
+        state.waiting -= 1;
+    }
+
+    /// The commit point of a job: from here its model is saved and published, and a cancel is
+    /// answered 409; before it, a cancel stops the job with nothing published.
+    fn commit(&self, id: &str, cancel: &AtomicBool) -> Result<(), TrainError> {
+        self.checkpoint(Checkpoint::BeforeCommit);
+        {
+            let mut state = self.shared.state.lock().expect("job state lock");
+            if cancel.load(Ordering::Relaxed) {
+                return Err(TrainError::Cancelled);
+            }
+            state.publishing.insert(id.to_string());
+        }
+        self.checkpoint(Checkpoint::AfterCommit);
+        Ok(())
     }
 
     fn run(&self, id: &str, dataset: Option<Dataset>, cancel: &AtomicBool) -> Result<(), JobError> {
@@ -626,6 +718,7 @@ impl JobManager {
         if let Some(e) = write_error {
             return Err(TrainError::Io(std::io::Error::other(e.to_string())));
         }
+        self.commit(&id, cancel)?;
         let saved = train::output::save(
             &trained,
             &job.name,
