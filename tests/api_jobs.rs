@@ -621,3 +621,47 @@ async fn a_cancel_either_stops_the_job_or_is_refused_never_both() {
         }
     }
 }
+
+/// Concurrent uploads that ask for one model name: exactly one job is queued, the others get 409,
+/// and no upload of a refused one is left on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_concurrent_uploads_with_one_name_exactly_one_is_accepted() {
+    let dir = weights_dir();
+    // Not started: the jobs stay queued, their names reserved.
+    let app = app(dir.path(), 1 << 30, false);
+    let zip = Arc::new(dataset_zip(4));
+    let uploads: Vec<_> = (0..6)
+        .map(|_| {
+            let (router, zip) = (app.router.clone(), zip.clone());
+            tokio::spawn(async move {
+                let fields = [
+                    ("base_model", "googlenet"),
+                    ("name", "twin"),
+                    ("epochs", "1"),
+                ];
+                let (s, _, j) = send(&router, finetune(&fields, Some(&zip))).await;
+                (s, j)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for upload in uploads {
+        answers.push(upload.await.unwrap());
+    }
+    let accepted = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::ACCEPTED)
+        .count();
+    let refused: Vec<_> = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CONFLICT)
+        .collect();
+    assert_eq!((accepted, refused.len()), (1, 5), "{answers:?}");
+    for (_, j) in refused {
+        assert!(j["error"].as_str().unwrap().contains("twin"), "{j}");
+    }
+    let (_, jobs) = get(&app.router, "/jobs").await;
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 1, "{jobs}");
+    let uploads = std::fs::read_dir(dir.path().join("jobs")).unwrap().count();
+    assert_eq!(uploads, 1, "only the accepted job keeps its upload");
+}

@@ -366,9 +366,25 @@ impl JobManager {
             result: None,
             error: None,
         };
-        self.store(&job)?;
         {
+            // The name is reserved where the job is queued, under one lock: of concurrent
+            // uploads with one name, exactly one gets here first. The store's unique index on
+            // unfinished jobs' names is the same rule on disk.
             let mut state = self.shared.state.lock().expect("job state lock");
+            let taken = self.shared.engine.get(&job.name).is_some()
+                || state
+                    .jobs
+                    .values()
+                    .any(|j| j.name == job.name && !j.status.is_finished());
+            if taken {
+                return Err(JobError::Conflict(name_taken(&job.name)));
+            }
+            match self.store(&job) {
+                Err(JobError::Store(StoreError::NameTaken(_))) => {
+                    return Err(JobError::Conflict(name_taken(&job.name)))
+                }
+                other => other?,
+            }
             state.jobs.insert(id.clone(), job.clone());
             state.datasets.insert(id.clone(), dataset);
             state.queue.push_back(id);
@@ -740,6 +756,11 @@ impl JobManager {
             evaluation: trained.evaluation,
         })
     }
+}
+
+/// Why `name` cannot be used for a new job's model.
+pub fn name_taken(name: &str) -> String {
+    format!("a model or an unfinished job is already called `{name}`: choose another name")
 }
 
 /// Small PNGs of the gallery pictures, as the model saw them (after the resize).

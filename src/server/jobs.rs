@@ -144,10 +144,9 @@ pub async fn submit(
         None => format!("{base_model}-ft-{}", &id[..6]),
     };
     train::output::check_name(&name).map_err(ApiError::bad_request)?;
+    // Checked early to spare a doomed upload its decoding; `submit` decides under its lock.
     if jobs.name_taken(&name) {
-        return Err(ApiError::conflict(format!(
-            "a model or an unfinished job is already called `{name}`: choose another name"
-        )));
+        return Err(ApiError::conflict(crate::jobs::name_taken(&name)));
     }
 
     let limits = jobs.config().dataset_limits.clone();
