@@ -40,6 +40,11 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(unique)
 }
 
+/// Makes renames into `dir` durable (see [`write_with`]).
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
 /// The rename itself lives in the directory entry: without this, a power cut can undo it.
 fn sync_parent(path: &Path) -> io::Result<()> {
     match path.parent() {

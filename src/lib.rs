@@ -20,10 +20,12 @@
 //! - [`server`]: HTTP (axum) over the engine; the one place that knows status codes and JSON shapes.
 //! - [`metrics`]: the Prometheus registry the engine and the server write to.
 //! - [`atomic`]: crash-safe file writes, used for every model and state file we write.
+//! - [`crash`]: `CNNSERVE_CRASH_AT`, a test aid that kills the process at a chosen step.
 //! - [`cli`]: the command line (`clap`), and the subcommands that run without a server.
 
 pub mod atomic;
 pub mod cli;
+pub mod crash;
 pub mod engine;
 pub mod jobs;
 pub mod metrics;

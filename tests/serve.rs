@@ -358,30 +358,13 @@ fn a_job_cut_off_by_a_kill_shows_failed_after_a_restart() {
     };
 
     let (mut first, addr, _lines) = start();
-    let boundary = "kill-test-boundary";
-    let mut body = Vec::new();
-    for (name, value) in [
+    let fields = [
         ("base_model", "googlenet"),
         ("epochs", "500"),
         ("batch_size", "2"),
         ("augment", "true"),
-    ] {
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
-        );
-    }
-    body.extend_from_slice(
-        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"dataset\"; filename=\"d.zip\"\r\n\r\n")
-            .as_bytes(),
-    );
-    body.extend_from_slice(&common::dataset_zip(4));
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let accepted: serde_json::Value = ureq::post(&format!("http://{addr}/finetune"))
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .send(&body[..])
+    ];
+    let accepted: serde_json::Value = post_finetune(&addr, &fields)
         .unwrap()
         .body_mut()
         .read_to_string()
@@ -421,4 +404,127 @@ fn a_job_cut_off_by_a_kill_shows_failed_after_a_restart() {
     sigterm(&second);
     let mut second = second;
     assert!(second.wait().unwrap().success());
+}
+
+/// `POST /finetune` of a small generated data set with `fields`.
+fn post_finetune(
+    addr: &str,
+    fields: &[(&str, &str)],
+) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+    let boundary = "kill-test-boundary";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"dataset\"; filename=\"d.zip\"\r\n\r\n")
+            .as_bytes(),
+    );
+    body.extend_from_slice(&common::dataset_zip(4));
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    ureq::post(&format!("http://{addr}/finetune"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .send(&body[..])
+}
+
+/// A finished job has one commit point. The release binary is killed (SIGKILL, through the
+/// `CNNSERVE_CRASH_AT` test aid) at each step of taking an upload and of publishing a model; after
+/// a restart there is either a failed job (or none) and no model file, or a succeeded job whose
+/// model is served, and nothing left over in the weights dir or the jobs folder.
+#[test]
+fn a_kill_at_any_step_of_publishing_leaves_a_consistent_state() {
+    for step in ["upload", "staged", "committed", "renamed", "published"] {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(
+            common::fixtures().join("googlenet/weights.safetensors"),
+            dir.path().join("googlenet.safetensors"),
+        )
+        .unwrap();
+        let start = |crash_at: Option<&str>| {
+            let mut command = cnnserve();
+            if let Some(step) = crash_at {
+                command.env("CNNSERVE_CRASH_AT", step);
+            }
+            let mut child = command
+                .args(["serve", "--offline", "--json-logs", "--addr", "127.0.0.1:0"])
+                .args(["--default-model", "googlenet", "--weights-dir"])
+                .arg(dir.path())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let (addr, lines) = listening_addr(&mut child);
+            assert_eq!(wait_until_healthy(&addr), 200);
+            (child, addr, lines)
+        };
+
+        let (mut first, addr, _lines) = start(Some(step));
+        let fields = [
+            ("base_model", "googlenet"),
+            ("name", "pets"),
+            ("epochs", "1"),
+        ];
+        // The upload step dies before answering; the others answer 202 and die later.
+        let _ = post_finetune(&addr, &fields);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let killed = loop {
+            if let Some(status) = first.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{step}: the server was never killed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!killed.success(), "{step}: {killed:?}");
+
+        let (second, addr, _lines) = start(None);
+        let jobs = get_json(&format!("http://{addr}/jobs"));
+        let jobs = jobs["jobs"].as_array().unwrap().clone();
+        let model_files = ["pets.safetensors", "pets.json"].map(|f| dir.path().join(f).exists());
+        let served = ureq::get(&format!("http://{addr}/models/pets"))
+            .call()
+            .is_ok();
+        match step {
+            "upload" => assert!(jobs.is_empty(), "{step}: {jobs:?}"),
+            "staged" => {
+                assert_eq!(jobs.len(), 1, "{step}");
+                assert_eq!(jobs[0]["status"], "failed", "{step}: {}", jobs[0]);
+            }
+            _ => {
+                assert_eq!(jobs.len(), 1, "{step}");
+                assert_eq!(jobs[0]["status"], "succeeded", "{step}: {}", jobs[0]);
+            }
+        }
+        let succeeded = jobs.iter().any(|j| j["status"] == "succeeded");
+        assert_eq!(model_files, [succeeded; 2], "{step}: model files");
+        assert_eq!(served, succeeded, "{step}: model served");
+        // Nothing left over: no temporaries, no staged model, no upload without a job.
+        let in_dir: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(in_dir.is_empty(), "{step}: {in_dir:?}");
+        for entry in std::fs::read_dir(dir.path().join("jobs")).unwrap() {
+            let entry = entry.unwrap();
+            let id = entry.file_name().to_string_lossy().into_owned();
+            assert!(
+                jobs.iter().any(|j| j["job_id"] == id.as_str()),
+                "{step}: upload {id} kept"
+            );
+            assert!(
+                !entry.path().join("model").exists(),
+                "{step}: staged model kept"
+            );
+        }
+        sigterm(&second);
+        let mut second = second;
+        assert!(second.wait().unwrap().success());
+    }
 }

@@ -257,6 +257,7 @@ impl JobManager {
             jobs.insert(job.job_id.clone(), job);
         }
         remove_temporaries(&config.dir);
+        recover(&config.dir, &jobs);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.training_threads.max(1))
             .thread_name(|i| format!("train-{i}"))
@@ -432,7 +433,7 @@ impl JobManager {
                 job.status = Status::Cancelled;
                 job.finished_at = Some(Utc::now());
                 job.error = Some("cancelled before it started".into());
-                self.finish(job.clone())?;
+                self.finish(job.clone(), None)?;
                 Ok(job)
             }
             // Decided under the state lock, as the commit point is: either the job has not
@@ -537,9 +538,16 @@ impl JobManager {
         }
     }
 
-    /// Records a finished job and tells subscribers.
-    fn finish(&self, job: Job) -> Result<(), JobError> {
+    /// Records a finished job, publishes its model, and tells subscribers. The store's row is the
+    /// commit point: a crash before it leaves a failed job and no model (the staged files are
+    /// removed at the next start), a crash after it a succeeded job whose staged files the next
+    /// start moves into place.
+    fn finish(&self, job: Job, staged: Option<Classifier>) -> Result<(), JobError> {
         self.store(&job)?;
+        if let Some(classifier) = staged {
+            crate::crash::point("committed");
+            self.publish(&job.job_id, classifier)?;
+        }
         {
             let mut state = self.shared.state.lock().expect("job state lock");
             state.jobs.insert(job.job_id.clone(), job.clone());
@@ -632,10 +640,12 @@ impl JobManager {
 
         let outcome = self.train(&mut job, dataset, cancel);
         job.finished_at = Some(Utc::now());
+        let mut staged = None;
         match outcome {
-            Ok(result) => {
+            Ok((result, classifier)) => {
                 job.status = Status::Succeeded;
                 job.result = Some(result);
+                staged = Some(classifier);
             }
             Err(TrainError::Cancelled) => {
                 let shutting_down = self
@@ -659,7 +669,10 @@ impl JobManager {
             }
         }
         tracing::info!(job = %id, status = job.status.as_str(), error = ?job.error, "training finished");
-        self.finish(job)
+        if job.status != Status::Succeeded {
+            let _ = std::fs::remove_dir_all(self.staging_dir(id));
+        }
+        self.finish(job, staged)
     }
 
     fn train(
@@ -667,7 +680,7 @@ impl JobManager {
         job: &mut Job,
         dataset: Option<Dataset>,
         cancel: &AtomicBool,
-    ) -> Result<JobResult, TrainError> {
+    ) -> Result<(JobResult, Classifier), TrainError> {
         let id = job.job_id.clone();
         let dataset = match dataset {
             Some(d) => d,
@@ -735,26 +748,50 @@ impl JobManager {
             return Err(TrainError::Io(std::io::Error::other(e.to_string())));
         }
         self.commit(&id, cancel)?;
+        // Staged in the job's folder and loaded from there (a model that does not load is a
+        // failed job); moved into the weights dir only once the job is recorded as succeeded.
+        let staging = self.staging_dir(&id);
+        std::fs::create_dir_all(&staging)?;
         let saved = train::output::save(
             &trained,
             &job.name,
             &base.name,
             &base.sha256,
             &job.params,
-            &self.shared.config.dir,
+            &staging,
         )?;
         let classifier = Classifier::fine_tuned(saved.meta, &saved.weights, &base)?;
-        self.shared.engine.insert(classifier);
         if let Err(err) =
             write_thumbnails(&self.job_dir(&id), &trained.evaluation.examples, &dataset)
         {
             tracing::warn!(job = %id, error = %err, "could not write example thumbnails");
         }
-        Ok(JobResult {
-            model: job.name.clone(),
-            best_epoch: trained.best_epoch,
-            evaluation: trained.evaluation,
-        })
+        crate::crash::point("staged");
+        Ok((
+            JobResult {
+                model: job.name.clone(),
+                best_epoch: trained.best_epoch,
+                evaluation: trained.evaluation,
+            },
+            classifier,
+        ))
+    }
+
+    /// Where a finished job's model files wait for the job to be recorded as succeeded.
+    fn staging_dir(&self, id: &str) -> PathBuf {
+        self.job_dir(id).join("model")
+    }
+
+    /// Moves a succeeded job's staged files into the weights dir (weights first, metadata last:
+    /// a fine-tuned model exists once its `.json` does) and serves the model.
+    fn publish(&self, id: &str, mut classifier: Classifier) -> std::io::Result<()> {
+        let dir = &self.shared.config.dir;
+        let moved = move_staged(&self.staging_dir(id), dir, &classifier.name)?;
+        classifier.file = moved;
+        self.shared.engine.insert(classifier);
+        let _ = std::fs::remove_dir(self.staging_dir(id));
+        crate::crash::point("published");
+        Ok(())
     }
 }
 
@@ -788,6 +825,60 @@ fn write_thumbnails(job_dir: &Path, examples: &[Example], data: &Dataset) -> std
 }
 
 /// Temporary files of writes a crash cut short: never a model, always safe to remove.
+/// Moves `<name>.safetensors`, then `<name>.json`, from `staging` into `dir` (each a rename on one
+/// file system); a file already moved is skipped. The weights' final path.
+fn move_staged(staging: &Path, dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+    let weights = dir.join(format!("{name}.safetensors"));
+    for (file, step) in [
+        (format!("{name}.safetensors"), Some("renamed")),
+        (format!("{name}.json"), None),
+    ] {
+        let from = staging.join(&file);
+        if from.exists() {
+            std::fs::rename(&from, dir.join(&file))?;
+        }
+        if let Some(step) = step {
+            crate::crash::point(step);
+        }
+    }
+    crate::atomic::sync_dir(dir)?;
+    Ok(weights)
+}
+
+/// At start, before any model loads: staged models of succeeded jobs are moved into place (the
+/// crash came after the commit point), other staged models are removed (before it), and job
+/// folders with no job (an upload cut off by a crash) are removed.
+fn recover(dir: &Path, jobs: &BTreeMap<String, Job>) {
+    let Ok(entries) = std::fs::read_dir(dir.join("jobs")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let id = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let Some(job) = jobs.get(&id) else {
+            if path.is_dir() {
+                tracing::info!(job = %id, "removing the upload of a job that was never created");
+                let _ = std::fs::remove_dir_all(&path);
+            }
+            continue;
+        };
+        let staging = path.join("model");
+        if !staging.exists() {
+            continue;
+        }
+        if job.status == Status::Succeeded {
+            tracing::info!(job = %id, model = %job.name, "publishing the model of a succeeded job");
+            if let Err(e) = move_staged(&staging, dir, &job.name) {
+                tracing::error!(job = %id, error = %e, "could not publish the model");
+                continue;
+            }
+        } else {
+            tracing::info!(job = %id, "removing the model files of a job that did not succeed");
+        }
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+}
+
 fn remove_temporaries(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;

@@ -96,6 +96,7 @@ pub async fn submit(
         let name = field.name().unwrap_or_default().to_string();
         if name == "dataset" {
             stream_to_file(field, &zip_path, limit).await?;
+            crate::crash::point("upload");
             uploaded = true;
         } else if TEXT_FIELDS.contains(&name.as_str()) {
             let text = field
