@@ -4,6 +4,24 @@ use cnnserve::cli::{self, Cli, Command};
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.json_logs);
+    // A panic is one log line, never a backtrace (the engine answers its requests 503 and goes on).
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        tracing::error!(%thread, %location, "panic: {message}");
+    }));
     let result = match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(args),

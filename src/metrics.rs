@@ -42,6 +42,7 @@ pub struct Metrics {
     pub total_seconds: Family<ModelLabel, Histogram>,
     pub batch_size: Family<ModelLabel, Histogram>,
     pub queue_depth: Family<ModelLabel, Gauge>,
+    pub worker_panics: Family<ModelLabel, Counter>,
     pub jobs: Family<JobLabels, Gauge>,
 }
 
@@ -64,6 +65,7 @@ impl Metrics {
         let batch_size =
             Family::<ModelLabel, Histogram>::new_with_constructor(batch_sizes as fn() -> Histogram);
         let queue_depth = Family::<ModelLabel, Gauge>::default();
+        let worker_panics = Family::<ModelLabel, Counter>::default();
         let jobs = Family::<JobLabels, Gauge>::default();
         registry.register(
             "requests",
@@ -91,6 +93,11 @@ impl Metrics {
             "Images waiting for a worker",
             queue_depth.clone(),
         );
+        registry.register(
+            "worker_panics",
+            "Forward passes that panicked (their requests answered 503; the worker goes on)",
+            worker_panics.clone(),
+        );
         registry.register("jobs", "Fine-tuning jobs by status", jobs.clone());
         Self {
             registry,
@@ -100,6 +107,7 @@ impl Metrics {
             total_seconds,
             batch_size,
             queue_depth,
+            worker_panics,
             jobs,
         }
     }

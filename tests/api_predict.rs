@@ -1003,3 +1003,35 @@ async fn every_route_answers_wrong_methods_and_bad_parameters_in_json() {
         assert!(j["error_type"].as_str().is_some(), "{what}: {j}");
     }
 }
+
+/// A request whose client has gone while it waited is dropped before its forward pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_whose_client_left_costs_no_forward_pass() {
+    let app = app();
+    let hold = app.state.engine.hold("googlenet").unwrap();
+    let router = app.router.clone();
+    let gone = tokio::spawn(async move {
+        send(&router, raw("/predict", "image/jpeg", image("img1.jpg"))).await
+    });
+    wait_for_queue_depth(&app.router, 1).await;
+    gone.abort();
+    let _ = gone.await;
+    drop(hold);
+    // The next request runs alone: the one that left never reached the network.
+    let (s, _, j) = send(
+        &app.router,
+        raw("/predict", "image/jpeg", image("img0.jpg")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{j}");
+    let (_, text) = get(&app.router, "/metrics").await;
+    let text = text.as_str().unwrap();
+    assert_eq!(
+        metric(text, r#"cnnserve_batch_size_count{model="googlenet"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric(text, r#"cnnserve_batch_size_sum{model="googlenet"}"#),
+        1.0
+    );
+}

@@ -528,3 +528,64 @@ fn a_kill_at_any_step_of_publishing_leaves_a_consistent_state() {
         assert!(second.wait().unwrap().success());
     }
 }
+
+/// A forward pass that panics (the `CNNSERVE_CRASH_AT=panic-forward` test aid, once) fails its
+/// request with 503 `model_unavailable`; the worker goes on and the next request is answered; the
+/// panic is one log line, no backtrace, also with `RUST_BACKTRACE=1`.
+#[test]
+fn a_worker_that_panics_answers_503_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        common::fixtures().join("googlenet/weights.safetensors"),
+        dir.path().join("googlenet.safetensors"),
+    )
+    .unwrap();
+    let mut child = cnnserve()
+        .env("CNNSERVE_CRASH_AT", "panic-forward")
+        .env("RUST_BACKTRACE", "1")
+        .args(["serve", "--offline", "--json-logs", "--addr", "127.0.0.1:0"])
+        .args(["--default-model", "googlenet", "--weights-dir"])
+        .arg(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, lines) = listening_addr(&mut child);
+    assert_eq!(wait_until_healthy(&addr), 200);
+    let photo = std::fs::read(common::fixtures().join("preprocess/img1.jpg")).unwrap();
+    let predict = || ureq::post(&format!("http://{addr}/predict")).send(&photo[..]);
+    match predict() {
+        Err(ureq::Error::StatusCode(503)) => {}
+        other => panic!("expected 503, got {other:?}"),
+    }
+    let mut answer = ureq::post(&format!("http://{addr}/predict"))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send(&photo[..])
+        .unwrap();
+    assert_eq!(answer.status(), 200, "the worker went on");
+    let body = answer.body_mut().read_to_string().unwrap();
+    assert!(body.contains("predictions"), "{body}");
+    let metrics = ureq::get(&format!("http://{addr}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("cnnserve_worker_panics_total{model=\"googlenet\"} 1"),
+        "{metrics}"
+    );
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
+    let logs: Vec<String> = lines.try_iter().collect();
+    let panic_lines: Vec<&String> = logs.iter().filter(|l| l.contains("panic")).collect();
+    assert!(!panic_lines.is_empty(), "the panic is logged");
+    for line in &logs {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "a JSON log line: {line}"
+        );
+        assert!(!line.contains("stack backtrace"), "{line}");
+    }
+}

@@ -76,6 +76,8 @@ pub enum EngineError {
     OutOfMemory(String),
     #[error("model `{0}` is still loading; retry in a few seconds")]
     Loading(String),
+    #[error("model `{0}` failed on this request's batch; retry")]
+    WorkerFailed(String),
     #[error("model `{name}` could not be loaded: {error}")]
     LoadFailed { name: String, error: String },
 }
@@ -429,7 +431,7 @@ impl Engine {
         for answer in replies {
             let scored = answer
                 .await
-                .map_err(|_| EngineError::Inference("model worker stopped".into()))?
+                .map_err(|_| EngineError::WorkerFailed(name.to_string()))?
                 .map_err(EngineError::from_forward)?;
             queue_time = queue_time.max(scored.queue_time);
             inference_time = inference_time.max(scored.inference_time);

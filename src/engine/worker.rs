@@ -147,8 +147,16 @@ pub fn run(
             .queue_depth
             .get_or_create(&label)
             .dec_by(batch.len() as i64);
+        // A request whose client has gone (its answer would go nowhere) costs no forward pass.
+        batch.retain(|job| !job.reply.is_closed());
         for group in split_compatible(batch) {
-            run_batch(group, &metrics, &label);
+            // A panic in a forward pass fails that batch only: its requests are answered (their
+            // reply channels close: 503 `model_unavailable`) and the worker goes on with the next.
+            let run = std::panic::AssertUnwindSafe(|| run_batch(group, &metrics, &label));
+            if std::panic::catch_unwind(run).is_err() {
+                tracing::error!(model = %name, "a forward pass panicked; the worker goes on");
+                metrics.worker_panics.get_or_create(&label).inc();
+            }
         }
     }
     tracing::debug!(model = %name, "worker stopped: model removed");
@@ -170,6 +178,7 @@ fn split_compatible(batch: Vec<Job>) -> Vec<Vec<Job>> {
 }
 
 fn run_batch(jobs: Vec<Job>, metrics: &Metrics, label: &crate::metrics::ModelLabel) {
+    crate::crash::panic_point("forward");
     let started = Instant::now();
     let classifier = jobs[0].classifier.clone();
     let inputs: Vec<&Tensor> = jobs.iter().map(|j| &j.input).collect();

@@ -143,6 +143,12 @@ impl From<EngineError> for ApiError {
                 "model_unavailable",
                 message,
             ),
+            EngineError::WorkerFailed(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "model_unavailable",
+                message,
+            )
+            .retry_after(1),
             EngineError::Weights(_) | EngineError::Inference(_) => Self::internal(message),
         }
     }
