@@ -398,9 +398,12 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
         &options,
         &mut |event| match event {
             Event::Progress(p) => {
-                bar.set_length((p.steps * p.epochs) as u64);
-                bar.set_position(((p.epoch - 1) * p.steps + p.step) as u64);
-                bar.set_message(format!("{}/{}", p.epoch, p.epochs));
+                bar.set_length(p.total as u64);
+                bar.set_position(p.done as u64);
+                bar.set_message(match p.phase {
+                    train::fit::Phase::Training => format!("epoch {}/{}", p.epoch, p.epochs),
+                    phase => format!("{phase:?}").to_lowercase(),
+                });
             }
             Event::Epoch(m) => bar.suspend(|| {
                 println!(

@@ -156,9 +156,31 @@ function showProgress(p, complete) {
     $("job-eta").textContent = "";
     return;
   }
-  const done = (p.epoch - 1) * p.steps + p.step;
-  $("job-progress").value = done / (p.epochs * p.steps);
-  $("job-eta").textContent = `epoch ${p.epoch}/${p.epochs}, step ${p.step}/${p.steps}, ${p.images_per_s.toFixed(1)} images/s, about ${Math.round(p.eta_s)} s left`;
+  const fraction = p.total ? p.done / p.total : 0;
+  switch (p.phase) {
+    case "reading":
+      $("job-progress").value = 0;
+      $("job-eta").textContent = "reading the data set…";
+      break;
+    case "caching":
+      $("job-progress").value = fraction;
+      $("job-eta").textContent = `running the frozen network: ${p.done}/${p.total} images`;
+      break;
+    case "training":
+      $("job-progress").value = fraction;
+      $("job-eta").textContent = `epoch ${p.epoch}/${p.epochs}, step ${p.step}/${p.steps}, ${p.images_per_s.toFixed(1)} images/s, about ${Math.round(p.eta_s)} s left`;
+      break;
+    case "evaluating":
+    case "saving":
+      $("job-progress").value = 1;
+      $("job-eta").textContent = p.phase === "saving" ? "saving the model…" : "evaluating the best epoch…";
+      break;
+    default:
+      $("job-progress").value = complete || p.phase === "done" ? 1 : fraction;
+      $("job-eta").textContent = p.epoch
+        ? `${p.epochs} epoch(s), ${p.images_per_s.toFixed(1)} images/s on average`
+        : "";
+  }
 }
 
 let source = null;

@@ -198,6 +198,30 @@ async fn a_job_runs_from_upload_to_a_served_model_with_live_events() {
     assert!(read.is_ok(), "the stream did not end: {text}");
     assert!(text.contains("event: progress"), "{text}");
     assert_eq!(text.matches("event: epoch").count(), 3, "{text}");
+    // Phases come in order (the stream may join after `reading` or `caching` began).
+    let order = [
+        "reading",
+        "caching",
+        "training",
+        "evaluating",
+        "saving",
+        "done",
+    ];
+    let phases: Vec<usize> = text
+        .split("\"phase\":\"")
+        .skip(1)
+        .map(|rest| {
+            let phase = rest.split('"').next().unwrap();
+            order.iter().position(|p| *p == phase).unwrap()
+        })
+        .collect();
+    assert!(phases.windows(2).all(|w| w[0] <= w[1]), "{phases:?}");
+    for phase in ["training", "evaluating", "saving"] {
+        assert!(
+            text.contains(&format!("\"phase\":\"{phase}\"")),
+            "{phase}: {text}"
+        );
+    }
     let done = text
         .split("event: done\ndata: ")
         .nth(1)
@@ -235,6 +259,10 @@ async fn a_job_runs_from_upload_to_a_served_model_with_live_events() {
     );
     assert_eq!(progress["step"], progress["steps"]);
     assert!(progress["images_per_s"].as_f64().unwrap() > 0.0);
+    // A finished job's figures are final: the whole training's speed, nothing left to wait for.
+    assert_eq!(progress["phase"], "done", "{progress}");
+    assert_eq!(progress["eta_s"], 0.0, "{progress}");
+    assert_eq!(progress["done"], progress["total"], "{progress}");
     assert_eq!(job["history"].as_array().unwrap().len(), 3);
     for key in ["train_loss", "train_acc", "valid_loss", "valid_acc"] {
         assert!(job["history"][0][key].is_number(), "{key}");

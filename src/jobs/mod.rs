@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 use crate::engine::{Classifier, Engine, ModelKind};
 use crate::metrics::{JobLabels, Metrics};
 use crate::train::dataset::Skipped;
-use crate::train::fit::{EpochMetrics, Evaluation, Example, Progress};
+use crate::train::fit::{EpochMetrics, Evaluation, Example, Phase, Progress};
 use crate::train::{self, Dataset, DatasetLimits, Event, Params, TrainError};
 use store::{Store, StoreError};
 
@@ -630,12 +630,18 @@ impl JobManager {
         };
         job.status = Status::Running;
         job.started_at = Some(Utc::now());
+        job.progress = Some(Progress::phase(Phase::Reading, job.params.epochs));
         self.store(&job)?;
         {
             let mut state = self.shared.state.lock().expect("job state lock");
             state.jobs.insert(id.to_string(), job.clone());
         }
         self.update_gauges();
+        let reading = JobEvent::Progress {
+            job_id: id.to_string(),
+            progress: Progress::phase(Phase::Reading, job.params.epochs),
+        };
+        let _ = self.shared.events.send(reading);
         tracing::info!(job = %id, name = %job.name, base = %job.base_model, "training started");
 
         let outcome = self.train(&mut job, dataset, cancel);
@@ -645,6 +651,7 @@ impl JobManager {
             Ok((result, classifier)) => {
                 job.status = Status::Succeeded;
                 job.result = Some(result);
+                job.progress = job.progress.take().map(|p| p.moved_to(Phase::Done));
                 staged = Some(classifier);
             }
             Err(TrainError::Cancelled) => {
@@ -671,6 +678,8 @@ impl JobManager {
         tracing::info!(job = %id, status = job.status.as_str(), error = ?job.error, "training finished");
         if job.status != Status::Succeeded {
             let _ = std::fs::remove_dir_all(self.staging_dir(id));
+            // Final figures: where it stopped, nothing left to wait for.
+            job.progress = job.progress.take().map(|p| Progress { eta_s: 0.0, ..p });
         }
         self.finish(job, staged)
     }
@@ -707,36 +716,27 @@ impl JobManager {
         let trained = {
             let mut on_event = |event: Event| {
                 let message = match event {
-                    Event::Progress(progress) => {
-                        job.progress = Some(progress.clone());
-                        JobEvent::Progress {
-                            job_id: id.clone(),
-                            progress,
-                        }
-                    }
-                    Event::Epoch(metrics) => {
-                        job.history.push(metrics.clone());
-                        JobEvent::Epoch {
-                            job_id: id.clone(),
-                            metrics,
-                        }
-                    }
+                    Event::Progress(progress) => JobEvent::Progress {
+                        job_id: id.clone(),
+                        progress,
+                    },
+                    Event::Epoch(metrics) => JobEvent::Epoch {
+                        job_id: id.clone(),
+                        metrics,
+                    },
                 };
-                let epoch_done = matches!(message, JobEvent::Epoch { .. });
-                if epoch_done || last_write.elapsed() >= PROGRESS_WRITE_INTERVAL {
-                    if let Err(e) = self.store(job) {
-                        write_error.get_or_insert(e);
-                    }
+                // Epochs and phase changes are written at once, steps at most once a second.
+                let milestone = match &message {
+                    JobEvent::Progress { progress, .. } => progress.done == 0,
+                    _ => true,
+                };
+                let persist = milestone || last_write.elapsed() >= PROGRESS_WRITE_INTERVAL;
+                if persist {
                     last_write = Instant::now();
                 }
-                {
-                    let mut state = self.shared.state.lock().expect("job state lock");
-                    if let Some(j) = state.jobs.get_mut(&id) {
-                        j.progress = job.progress.clone();
-                        j.history = job.history.clone();
-                    }
+                if let Err(e) = self.update(job, message, persist) {
+                    write_error.get_or_insert(e);
                 }
-                let _ = self.shared.events.send(message);
             };
             let network = base.network().clone();
             let arch = base.arch;
@@ -748,6 +748,9 @@ impl JobManager {
             return Err(TrainError::Io(std::io::Error::other(e.to_string())));
         }
         self.commit(&id, cancel)?;
+        let saving = trained.progress.moved_to(Phase::Saving);
+        self.set_progress(job, saving, true)
+            .map_err(|e| TrainError::Io(std::io::Error::other(e.to_string())))?;
         // Staged in the job's folder and loaded from there (a model that does not load is a
         // failed job); moved into the weights dir only once the job is recorded as succeeded.
         let staging = self.staging_dir(&id);
@@ -775,6 +778,39 @@ impl JobManager {
             },
             classifier,
         ))
+    }
+
+    /// The one place a running job's progress and history change: memory, the store (when
+    /// `persist`) and the event stream, together.
+    fn update(&self, job: &mut Job, event: JobEvent, persist: bool) -> Result<(), JobError> {
+        match &event {
+            JobEvent::Progress { progress, .. } => job.progress = Some(progress.clone()),
+            JobEvent::Epoch { metrics, .. } => job.history.push(metrics.clone()),
+            _ => {}
+        }
+        {
+            let mut state = self.shared.state.lock().expect("job state lock");
+            if let Some(j) = state.jobs.get_mut(&job.job_id) {
+                j.progress = job.progress.clone();
+                j.history = job.history.clone();
+            }
+        }
+        let stored = if persist { self.store(job) } else { Ok(()) };
+        let _ = self.shared.events.send(event);
+        stored
+    }
+
+    fn set_progress(
+        &self,
+        job: &mut Job,
+        progress: Progress,
+        persist: bool,
+    ) -> Result<(), JobError> {
+        let event = JobEvent::Progress {
+            job_id: job.job_id.clone(),
+            progress,
+        };
+        self.update(job, event, persist)
     }
 
     /// Where a finished job's model files wait for the job to be recorded as succeeded.

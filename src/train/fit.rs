@@ -18,17 +18,66 @@ use super::{augment, Dataset, Params, Sample, TrainError};
 use crate::models::{layers, Arch, Head, Network, TrainLayers};
 use crate::preprocess;
 
-/// Where a run is, sent after every training step.
+/// What a run is doing, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Decoding and checking the data set.
+    Reading,
+    /// Running the frozen network once per image, to train on stored features.
+    Caching,
+    Training,
+    /// Scoring the kept checkpoint on the test (or validation) split.
+    Evaluating,
+    /// Writing and publishing the model.
+    Saving,
+    /// Finished: the figures are final.
+    Done,
+}
+
+/// Where a run is: sent when a phase starts, at every cached chunk and training step, and once
+/// more when it is done (with final figures: the whole run's speed, no time left).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
-    /// 1-based.
+    pub phase: Phase,
+    /// Units of this phase done and in all: images (caching), steps of the whole run (training).
+    pub done: usize,
+    pub total: usize,
+    /// 1-based; 0 before training.
     pub epoch: usize,
     pub epochs: usize,
     /// Steps done in this epoch, and steps per epoch.
     pub step: usize,
     pub steps: usize,
+    /// Training speed: of the current epoch while training, of the whole training once done.
     pub images_per_s: f64,
     pub eta_s: f64,
+}
+
+impl Progress {
+    /// A phase with nothing counted yet (or nothing to count).
+    pub fn phase(phase: Phase, epochs: usize) -> Self {
+        Self {
+            phase,
+            done: 0,
+            total: 0,
+            epoch: 0,
+            epochs,
+            step: 0,
+            steps: 0,
+            images_per_s: 0.0,
+            eta_s: 0.0,
+        }
+    }
+
+    /// The same figures, in `phase`; a finished run shows no time left.
+    pub fn moved_to(&self, phase: Phase) -> Self {
+        Self {
+            phase,
+            eta_s: 0.0,
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -87,6 +136,8 @@ pub struct SplitCounts {
 
 #[derive(Debug)]
 pub struct TrainedHead {
+    /// The last training figures (the whole run's speed), for a finished job's `progress`.
+    pub progress: Progress,
     pub arch: Arch,
     pub train_layers: TrainLayers,
     pub classes: Vec<String>,
@@ -202,7 +253,18 @@ pub fn fit_with(
         let xs = Tensor::stack(&inputs, 0)?;
         Ok(layers.frozen_input(network, &xs)?)
     };
-    let features_of = |samples: &[&Sample]| -> Result<Tensor, TrainError> {
+    // Images whose features are stored before training: validation, test, and without
+    // augmentation the training split.
+    let caches_train = !params.augment && options.cache_features;
+    let to_cache = valid.len()
+        + if data.test.is_empty() { 0 } else { eval.len() }
+        + if caches_train { train.len() } else { 0 };
+    let mut cached = 0;
+    progress(Event::Progress(Progress {
+        total: to_cache,
+        ..Progress::phase(Phase::Caching, params.epochs)
+    }));
+    let mut features_of = |samples: &[&Sample]| -> Result<Tensor, TrainError> {
         let mut chunks = Vec::new();
         for chunk in samples.chunks(FEATURE_CHUNK) {
             if cancel.load(Ordering::Relaxed) {
@@ -210,6 +272,12 @@ pub fn fit_with(
             }
             let images: Vec<&RgbImage> = chunk.iter().map(|s| &s.image).collect();
             chunks.push(frozen(&images)?);
+            cached += chunk.len();
+            progress(Event::Progress(Progress {
+                done: cached,
+                total: to_cache,
+                ..Progress::phase(Phase::Caching, params.epochs)
+            }));
         }
         Ok(Tensor::cat(&chunks, 0)?)
     };
@@ -222,7 +290,7 @@ pub fn fit_with(
     } else {
         features_of(&eval)?
     };
-    let train_cache = if !params.augment && options.cache_features {
+    let train_cache = if caches_train {
         Some(features_of(&train)?)
     } else {
         None
@@ -248,6 +316,8 @@ pub fn fit_with(
     let steps = train.len().div_ceil(params.batch_size);
     let total_steps = steps * params.epochs;
     let started = Instant::now();
+    let mut trained_images = 0usize;
+    let mut last = Progress::phase(Phase::Training, params.epochs);
     let mut history = Vec::with_capacity(params.epochs);
     let mut best: Option<(f64, usize, HashMap<String, Tensor>)> = None;
     for epoch in 1..=params.epochs {
@@ -287,14 +357,19 @@ pub fn fit_with(
             seen += n;
             let done = (epoch - 1) * steps + step + 1;
             let per_step = started.elapsed().as_secs_f64() / done as f64;
-            progress(Event::Progress(Progress {
+            trained_images += n;
+            last = Progress {
+                phase: Phase::Training,
+                done,
+                total: total_steps,
                 epoch,
                 epochs: params.epochs,
                 step: step + 1,
                 steps,
                 images_per_s: seen as f64 / epoch_started.elapsed().as_secs_f64().max(1e-9),
                 eta_s: per_step * (total_steps - done) as f64,
-            }));
+            };
+            progress(Event::Progress(last.clone()));
         }
         let scored = score(&head, &valid_features, &labels_of(&valid), device)?;
         let metrics = EpochMetrics {
@@ -315,6 +390,9 @@ pub fn fit_with(
     }
 
     let (_, best_epoch, tensors) = best.expect("at least one epoch ran");
+    // From here on the figures are the whole training's.
+    last.images_per_s = trained_images as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    progress(Event::Progress(last.moved_to(Phase::Evaluating)));
     let best_head = Head::new(
         arch,
         layers,
@@ -324,6 +402,7 @@ pub fn fit_with(
     let scored = score(&best_head, &eval_features, &labels_of(&eval), device)?;
     let evaluation = evaluate(eval_split, &scored, &eval, &data.classes, options.examples);
     Ok(TrainedHead {
+        progress: last,
         arch,
         train_layers: layers,
         classes: data.classes.clone(),
