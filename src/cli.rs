@@ -76,6 +76,11 @@ pub struct ServeArgs {
     /// Largest image, in pixels (width × height), read from the header before decoding.
     #[arg(long, default_value_t = crate::preprocess::DEFAULT_MAX_PIXELS, env = "CNNSERVE_MAX_PIXELS")]
     pub max_pixels: u64,
+    /// Pixels being decoded at once, over all requests (never below --max-pixels): a request
+    /// that would go over is answered 429. Decoding takes ~3.5 bytes a pixel, so the default
+    /// (200 megapixels) bounds it near 700 MB.
+    #[arg(long, default_value_t = crate::engine::DEFAULT_PIXEL_BUDGET, env = "CNNSERVE_MAX_INFLIGHT_PIXELS")]
+    pub max_inflight_pixels: u64,
     /// Never download: serve whatever the weights dir holds.
     #[arg(long, env = "CNNSERVE_OFFLINE")]
     pub offline: bool,
@@ -607,6 +612,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_batch_delay: std::time::Duration::from_millis(args.max_batch_delay_ms),
             max_concurrent_requests: args.max_concurrent_requests as usize,
             max_pixels: args.max_pixels,
+            pixel_budget: args.max_inflight_pixels.max(args.max_pixels),
             device: device.clone(),
             dtype: args.dtype.dtype(),
         },

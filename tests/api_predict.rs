@@ -1035,3 +1035,49 @@ async fn a_request_whose_client_left_costs_no_forward_pass() {
         1.0
     );
 }
+
+/// Pixels in flight are bounded (`--max-inflight-pixels`): over the budget a request is answered
+/// 429 at admission, read from its header, before anything is decoded; one request alone fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pixels_in_flight_are_bounded_with_429_at_admission() {
+    let photo = 500 * 375; // img0.jpg
+    let app = app_with(
+        EngineConfig {
+            max_pixels: photo,
+            pixel_budget: photo + photo / 2,
+            ..EngineConfig::on(Device::Cpu)
+        },
+        1 << 24,
+    );
+    let hold = app.state.engine.hold("googlenet").unwrap();
+    let router = app.router.clone();
+    let first = tokio::spawn(async move {
+        send(&router, raw("/predict", "image/jpeg", image("img0.jpg")))
+            .await
+            .0
+    });
+    wait_for_queue_depth(&app.router, 1).await;
+    let (s, headers, j) = send(
+        &app.router,
+        raw("/predict", "image/jpeg", image("img0.jpg")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{j}");
+    assert_eq!(j["error_type"], "overloaded");
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap()
+            .contains("--max-inflight-pixels"),
+        "{j}"
+    );
+    assert!(headers.contains_key("retry-after"));
+    drop(hold);
+    assert_eq!(first.await.unwrap(), StatusCode::OK);
+    let (s, _, j) = send(
+        &app.router,
+        raw("/predict", "image/jpeg", image("img0.jpg")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "the budget is given back: {j}");
+}

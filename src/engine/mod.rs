@@ -26,12 +26,17 @@ use crate::models::Arch;
 use crate::preprocess::{self, ImageError};
 use crate::weights::{self, WeightsError};
 
+/// Default of `--max-inflight-pixels`: 200 megapixels, ~700 MB of decoding.
+pub const DEFAULT_PIXEL_BUDGET: u64 = 200_000_000;
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub max_batch_size: usize,
     pub max_batch_delay: Duration,
     pub max_concurrent_requests: usize,
     pub max_pixels: u64,
+    /// Pixels decoded at once over all requests in flight (≥ `max_pixels`).
+    pub pixel_budget: u64,
     /// Where models are loaded, and the dtype their networks run in (`--dtype`).
     pub device: Device,
     pub dtype: DType,
@@ -46,6 +51,7 @@ impl EngineConfig {
             max_batch_delay: Duration::from_millis(5),
             max_concurrent_requests: 64,
             max_pixels: preprocess::DEFAULT_MAX_PIXELS,
+            pixel_budget: DEFAULT_PIXEL_BUDGET,
             device,
             dtype: DType::F32,
         }
@@ -58,6 +64,8 @@ pub enum EngineError {
     UnknownModel { name: String, known: Vec<String> },
     #[error("too many requests: {limit} are already in flight; retry shortly")]
     Overloaded { limit: usize },
+    #[error("too many pixels being decoded: this request's {pixels} would go over the {budget}-pixel budget (--max-inflight-pixels); retry shortly")]
+    PixelBudget { pixels: u64, budget: u64 },
     #[error("no image in the request")]
     NoImage,
     #[error("image {index}: {source}")]
@@ -188,6 +196,8 @@ struct Inner {
     /// when its model is inserted, or when its file is gone.
     pending: RwLock<BTreeMap<String, Pending>>,
     permits: Arc<Semaphore>,
+    /// One permit per pixel being decoded (see [`EngineConfig::pixel_budget`]).
+    pixels: Arc<Semaphore>,
     metrics: Arc<Metrics>,
 }
 
@@ -199,12 +209,19 @@ pub struct Engine {
 impl Engine {
     pub fn new(config: EngineConfig, metrics: Arc<Metrics>) -> Self {
         let permits = Arc::new(Semaphore::new(config.max_concurrent_requests));
+        let budget = config.pixel_budget.max(config.max_pixels);
+        let pixels = Arc::new(Semaphore::new(
+            usize::try_from(budget.min(u64::from(u32::MAX)))
+                .unwrap_or(usize::MAX)
+                .min(Semaphore::MAX_PERMITS),
+        ));
         Self {
             inner: Arc::new(Inner {
                 config,
                 models: RwLock::new(BTreeMap::new()),
                 pending: RwLock::new(BTreeMap::new()),
                 permits,
+                pixels,
                 metrics,
             }),
         }
@@ -389,9 +406,24 @@ impl Engine {
                 slot.shared.incoming(),
             )
         };
+        let max_pixels = self.inner.config.max_pixels;
+        // Admission by pixels, read from the headers: held until this request is answered, so
+        // that decoding never holds more than the budget across requests. One request alone
+        // always fits (its charge is capped at the budget).
+        let budget = self.inner.config.pixel_budget.max(max_pixels);
+        let pixels: u64 = images
+            .iter()
+            .map(|b| preprocess::declared_pixels(b).map_or(max_pixels, |p| p.min(max_pixels)))
+            .sum();
+        let charge = u32::try_from(pixels.min(budget)).unwrap_or(u32::MAX);
+        let _pixels = self
+            .inner
+            .pixels
+            .clone()
+            .try_acquire_many_owned(charge)
+            .map_err(|_| EngineError::PixelBudget { pixels, budget })?;
         let transform = classifier.transform;
         let device = classifier.device().clone();
-        let max_pixels = self.inner.config.max_pixels;
         let inputs = tokio::task::spawn_blocking(move || {
             images
                 .iter()

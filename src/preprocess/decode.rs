@@ -180,6 +180,19 @@ fn decode_with_image_crate(
     Ok(upright(to_rgb8_like_pillow(decoded, name)?, orientation))
 }
 
+/// Width × height as the image's header declares them, without decoding; `None` when the bytes
+/// are no image we can read a header of.
+pub fn declared_pixels(bytes: &[u8]) -> Option<u64> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()?;
+    let (width, height) = match reader.format()? {
+        ImageFormat::Bmp => bmp_declared_size(bytes)?,
+        _ => reader.into_dimensions().ok()?,
+    };
+    Some(u64::from(width) * u64::from(height))
+}
+
 /// A BMP's width and height as its header declares them: `BITMAPCOREHEADER` (12 bytes) holds
 /// 16-bit sides, the later headers signed 32-bit ones (a negative height means top-down rows).
 fn bmp_declared_size(bytes: &[u8]) -> Option<(u32, u32)> {

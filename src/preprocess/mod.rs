@@ -29,7 +29,7 @@ mod decode;
 mod jpeg;
 mod resample;
 
-pub use decode::{decode_rgb, ImageError, DEFAULT_MAX_PIXELS};
+pub use decode::{declared_pixels, decode_rgb, ImageError, DEFAULT_MAX_PIXELS};
 pub use resample::resize_bilinear;
 
 use candle_core::{Device, Tensor};

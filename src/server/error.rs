@@ -118,6 +118,9 @@ impl From<EngineError> for ApiError {
         let message = e.to_string();
         match e {
             EngineError::UnknownModel { .. } => Self::not_found(message),
+            EngineError::PixelBudget { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message).retry_after(1)
+            }
             EngineError::Overloaded { .. } => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message)
             }
