@@ -81,6 +81,12 @@ pub struct ServeArgs {
     /// (200 megapixels) bounds it near 700 MB.
     #[arg(long, default_value_t = crate::engine::DEFAULT_PIXEL_BUDGET, env = "CNNSERVE_MAX_INFLIGHT_PIXELS")]
     pub max_inflight_pixels: u64,
+    /// Seconds a client may take to send its request headers before the connection is closed.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600), env = "CNNSERVE_HEADER_TIMEOUT")]
+    pub header_timeout: u64,
+    /// Seconds a request body may send nothing (uploads that keep sending are never cut).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600), env = "CNNSERVE_BODY_TIMEOUT")]
+    pub body_timeout: u64,
     /// Never download: serve whatever the weights dir holds.
     #[arg(long, env = "CNNSERVE_OFFLINE")]
     pub offline: bool,
@@ -693,7 +699,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server::shutdown_signal().await;
         stopper.shutdown();
     };
-    server::serve(listener, state, shutdown).await?;
+    let timeouts = server::IdleTimeouts {
+        headers: std::time::Duration::from_secs(args.header_timeout),
+        body: std::time::Duration::from_secs(args.body_timeout),
+    };
+    server::serve_with(listener, state, timeouts, shutdown).await?;
     let idle =
         tokio::task::spawn_blocking(move || jobs.wait_idle(std::time::Duration::from_secs(30)));
     if !idle.await.unwrap_or(false) {

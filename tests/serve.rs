@@ -589,3 +589,85 @@ fn a_worker_that_panics_answers_503_and_goes_on() {
         assert!(!line.contains("stack backtrace"), "{line}");
     }
 }
+
+/// Stalled clients are cut (`--header-timeout`, `--body-timeout`: seconds without a byte); an
+/// upload that keeps sending, however slowly, is not.
+#[test]
+fn stalled_clients_are_cut_and_slow_uploads_are_not() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        common::fixtures().join("googlenet/weights.safetensors"),
+        dir.path().join("googlenet.safetensors"),
+    )
+    .unwrap();
+    let mut child = cnnserve()
+        .args(["serve", "--offline", "--json-logs", "--addr", "127.0.0.1:0"])
+        .args(["--header-timeout", "1", "--body-timeout", "1"])
+        .args(["--default-model", "googlenet", "--weights-dir"])
+        .arg(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, _lines) = listening_addr(&mut child);
+    assert_eq!(wait_until_healthy(&addr), 200);
+    // Reads until the server closes; how long that took.
+    let closed_after = |stream: &mut TcpStream| {
+        let started = Instant::now();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&answer).into_owned(),
+        )
+    };
+
+    // Headers that never end.
+    let mut stalled = TcpStream::connect(&addr).unwrap();
+    stalled
+        .write_all(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let (took, _) = closed_after(&mut stalled);
+    assert!(
+        took < Duration::from_secs(10),
+        "headers: closed after {took:?}"
+    );
+
+    // A body that stops halfway.
+    let photo = std::fs::read(common::fixtures().join("preprocess/img1.jpg")).unwrap();
+    let mut stalled = TcpStream::connect(&addr).unwrap();
+    write!(
+        stalled,
+        "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n",
+        photo.len()
+    )
+    .unwrap();
+    stalled.write_all(&photo[..photo.len() / 2]).unwrap();
+    let (took, answer) = closed_after(&mut stalled);
+    assert!(
+        took < Duration::from_secs(10),
+        "body: closed after {took:?}"
+    );
+    assert!(!answer.contains(" 200 "), "{answer}");
+
+    // A body that keeps coming, in pieces 0.4 s apart, for longer than the timeout in all.
+    let mut slow = TcpStream::connect(&addr).unwrap();
+    write!(
+        slow,
+        "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        photo.len()
+    )
+    .unwrap();
+    for piece in photo.chunks(photo.len().div_ceil(6)) {
+        std::thread::sleep(Duration::from_millis(400));
+        slow.write_all(piece).unwrap();
+    }
+    let (_, answer) = closed_after(&mut slow);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
+}
