@@ -159,6 +159,40 @@ fn wait_until_healthy(addr: &str) -> u16 {
     }
 }
 
+/// A weights dir holding the fixture GoogLeNet.
+fn googlenet_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        common::fixtures().join("googlenet/weights.safetensors"),
+        dir.path().join("googlenet.safetensors"),
+    )
+    .unwrap();
+    dir
+}
+
+/// `cnnserve serve` on `dir` with JSON logs, `extra` flags and `env`, once healthy.
+fn start_server(
+    dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, String, std::sync::mpsc::Receiver<String>) {
+    let mut command = cnnserve();
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command
+        .args(["serve", "--offline", "--json-logs", "--addr", "127.0.0.1:0"])
+        .args(extra)
+        .args(["--default-model", "googlenet", "--weights-dir"])
+        .arg(dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, lines) = listening_addr(&mut child);
+    assert_eq!(wait_until_healthy(&addr), 200);
+    (child, addr, lines)
+}
+
 fn sigterm(child: &Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -338,24 +372,8 @@ fn get_json(url: &str) -> serde_json::Value {
 /// finds the job failed with the reason and no half-written file.
 #[test]
 fn a_job_cut_off_by_a_kill_shows_failed_after_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(
-        common::fixtures().join("googlenet/weights.safetensors"),
-        dir.path().join("googlenet.safetensors"),
-    )
-    .unwrap();
-    let start = || {
-        let mut child = cnnserve()
-            .args(["serve", "--offline", "--json-logs", "--addr", "127.0.0.1:0"])
-            .args(["--default-model", "googlenet", "--weights-dir"])
-            .arg(dir.path())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (addr, lines) = listening_addr(&mut child);
-        assert_eq!(wait_until_healthy(&addr), 200);
-        (child, addr, lines)
-    };
+    let dir = googlenet_dir();
+    let start = || start_server(dir.path(), &[], &[]);
 
     let (mut first, addr, _lines) = start();
     let fields = [
@@ -439,30 +457,9 @@ fn post_finetune(
 #[test]
 fn a_kill_at_any_step_of_publishing_leaves_a_consistent_state() {
     for step in ["upload", "staged", "committed", "renamed", "published"] {
-        let dir = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(
-            common::fixtures().join("googlenet/weights.safetensors"),
-            dir.path().join("googlenet.safetensors"),
-        )
-        .unwrap();
-        let start = |crash_at: Option<&str>| {
-            let mut command = cnnserve();
-            if let Some(step) = crash_at {
-                command.env("CNNSERVE_CRASH_AT", step);
-            }
-            let mut child = command
-                .args(["serve", "--offline", "--json-logs", "--addr", "127.0.0.1:0"])
-                .args(["--default-model", "googlenet", "--weights-dir"])
-                .arg(dir.path())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let (addr, lines) = listening_addr(&mut child);
-            assert_eq!(wait_until_healthy(&addr), 200);
-            (child, addr, lines)
-        };
-
-        let (mut first, addr, _lines) = start(Some(step));
+        let dir = googlenet_dir();
+        let (mut first, addr, _lines) =
+            start_server(dir.path(), &[], &[("CNNSERVE_CRASH_AT", step)]);
         let fields = [
             ("base_model", "googlenet"),
             ("name", "pets"),
@@ -483,7 +480,7 @@ fn a_kill_at_any_step_of_publishing_leaves_a_consistent_state() {
         };
         assert!(!killed.success(), "{step}: {killed:?}");
 
-        let (second, addr, _lines) = start(None);
+        let (second, addr, _lines) = start_server(dir.path(), &[], &[]);
         let jobs = get_json(&format!("http://{addr}/jobs"));
         let jobs = jobs["jobs"].as_array().unwrap().clone();
         let model_files = ["pets.safetensors", "pets.json"].map(|f| dir.path().join(f).exists());
@@ -534,23 +531,12 @@ fn a_kill_at_any_step_of_publishing_leaves_a_consistent_state() {
 /// panic is one log line, no backtrace, also with `RUST_BACKTRACE=1`.
 #[test]
 fn a_worker_that_panics_answers_503_and_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(
-        common::fixtures().join("googlenet/weights.safetensors"),
-        dir.path().join("googlenet.safetensors"),
-    )
-    .unwrap();
-    let mut child = cnnserve()
-        .env("CNNSERVE_CRASH_AT", "panic-forward")
-        .env("RUST_BACKTRACE", "1")
-        .args(["serve", "--offline", "--json-logs", "--addr", "127.0.0.1:0"])
-        .args(["--default-model", "googlenet", "--weights-dir"])
-        .arg(dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (addr, lines) = listening_addr(&mut child);
-    assert_eq!(wait_until_healthy(&addr), 200);
+    let dir = googlenet_dir();
+    let env = [
+        ("CNNSERVE_CRASH_AT", "panic-forward"),
+        ("RUST_BACKTRACE", "1"),
+    ];
+    let (mut child, addr, lines) = start_server(dir.path(), &[], &env);
     let photo = std::fs::read(common::fixtures().join("preprocess/img1.jpg")).unwrap();
     let predict = || ureq::post(&format!("http://{addr}/predict")).send(&photo[..]);
     match predict() {
@@ -596,22 +582,9 @@ fn a_worker_that_panics_answers_503_and_goes_on() {
 fn stalled_clients_are_cut_and_slow_uploads_are_not() {
     use std::io::{Read, Write};
     use std::net::TcpStream;
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(
-        common::fixtures().join("googlenet/weights.safetensors"),
-        dir.path().join("googlenet.safetensors"),
-    )
-    .unwrap();
-    let mut child = cnnserve()
-        .args(["serve", "--offline", "--json-logs", "--addr", "127.0.0.1:0"])
-        .args(["--header-timeout", "1", "--body-timeout", "1"])
-        .args(["--default-model", "googlenet", "--weights-dir"])
-        .arg(dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (addr, _lines) = listening_addr(&mut child);
-    assert_eq!(wait_until_healthy(&addr), 200);
+    let dir = googlenet_dir();
+    let flags = ["--header-timeout", "1", "--body-timeout", "1"];
+    let (mut child, addr, _lines) = start_server(dir.path(), &flags, &[]);
     // Reads until the server closes; how long that took.
     let closed_after = |stream: &mut TcpStream| {
         let started = Instant::now();
