@@ -32,7 +32,7 @@ wait_healthy() {
 post() { curl -sf --data-binary @"$image" -H 'content-type: image/jpeg' "$1" >/dev/null; }
 
 load() { # server model url
-  # The model may still be loading after /health turns 200 (another one came first).
+  # Warm-up; the peer server may still be loading its model after it answers.
   for _ in $(seq 300); do post "$3" && break; sleep 0.2; done
   post "$3" && post "$3"
   local result

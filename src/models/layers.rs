@@ -305,8 +305,13 @@ pub fn check_input(xs: &Tensor, min_side: usize) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// The GPU in a CUDA build on a machine with one, else the CPU: these layers run on both.
+    fn device() -> Device {
+        Device::cuda_if_available(0).unwrap()
+    }
+
     fn t(data: &[f32], shape: (usize, usize, usize, usize)) -> Tensor {
-        Tensor::from_slice(data, shape, &Device::Cpu).unwrap()
+        Tensor::from_slice(data, shape, &device()).unwrap()
     }
 
     #[test]
@@ -387,7 +392,7 @@ mod tests {
 
     #[test]
     fn folded_conv_bn_equals_conv_then_batch_norm() {
-        let dev = Device::Cpu;
+        let dev = device();
         let mut ts = std::collections::HashMap::new();
         ts.insert(
             "c.weight".into(),

@@ -1664,6 +1664,8 @@ mod tests {
 
     #[test]
     fn gathers_strided_views() {
+        // The GPU in a CUDA build on a machine with one, else the CPU.
+        let device = Device::cuda_if_available(0).unwrap();
         let storage: Vec<u8> = (0..6u32).flat_map(|v| (v as f32).to_le_bytes()).collect();
         let spec = TensorSpec {
             name: "t".into(),
@@ -1673,13 +1675,13 @@ mod tests {
             shape: vec![3, 2],
             stride: vec![1, 3],
         };
-        let t = tensor_from_storage(&storage, &spec, &Device::Cpu).unwrap();
+        let t = tensor_from_storage(&storage, &spec, &device).unwrap();
         assert_eq!(
             t.to_vec2::<f32>().unwrap(),
             [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
         );
         let too_far = TensorSpec { offset: 1, ..spec };
-        let reason = match tensor_from_storage(&storage, &too_far, &Device::Cpu) {
+        let reason = match tensor_from_storage(&storage, &too_far, &device) {
             Err(Fail::Format(m)) => m,
             other => panic!("{other:?}"),
         };
