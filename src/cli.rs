@@ -10,6 +10,24 @@ use clap::{Args, Parser, Subcommand};
 use crate::models::{Arch, Precision};
 use crate::weights;
 
+/// A parser for a type of the lower layers (which know no clap) from its names: `--help` and
+/// clap's errors list them.
+fn named<T>(
+    names: impl IntoIterator<Item = &'static str>,
+) -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: std::str::FromStr + Clone + Send + Sync + 'static,
+    T::Err: std::fmt::Debug,
+{
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(names)
+        .map(|name| name.parse::<T>().expect("every listed name parses"))
+}
+
+fn arch_parser() -> impl clap::builder::TypedValueParser<Value = Arch> {
+    named(Arch::ALL.map(Arch::name))
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cnnserve",
@@ -105,7 +123,7 @@ pub struct ServeArgs {
     /// Arithmetic of the forward passes: f32 (exact; the CPU's only one in this build), or
     /// tf32 / bf16 / f16 where the device has them. A combination the device lacks stops the
     /// start with a message.
-    #[arg(long, value_enum, default_value_t = Precision::F32, env = "CNNSERVE_DTYPE")]
+    #[arg(long, default_value_t = Precision::F32, env = "CNNSERVE_DTYPE", value_parser = named::<Precision>(Precision::ALL.map(Precision::name)))]
     pub dtype: Precision,
 }
 
@@ -136,7 +154,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub struct ForwardArgs {
     /// Architecture of the weights (taken from the metadata for a fine-tuned head, or from a
     /// torchvision file name such as vgg11_bn-6002323d.pth).
-    #[arg(long, env = "CNNSERVE_MODEL")]
+    #[arg(long, env = "CNNSERVE_MODEL", value_parser = arch_parser())]
     pub model: Option<Arch>,
     /// Weights file: safetensors or torch .pth (zip or legacy) with torchvision key names, or a
     /// fine-tuned head (its base model must sit in the same folder).
@@ -155,14 +173,14 @@ pub struct ForwardArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
     /// Arithmetic of the forward pass, as for `serve`: how far from f32 another dtype lands.
-    #[arg(long, value_enum, default_value_t = Precision::F32, env = "CNNSERVE_DTYPE")]
+    #[arg(long, default_value_t = Precision::F32, env = "CNNSERVE_DTYPE", value_parser = named::<Precision>(Precision::ALL.map(Precision::name)))]
     pub dtype: Precision,
 }
 
 #[derive(Debug, Args)]
 pub struct PredictArgs {
     /// Architecture of the weights (optional for fine-tuned heads and torchvision file names).
-    #[arg(long, env = "CNNSERVE_MODEL")]
+    #[arg(long, env = "CNNSERVE_MODEL", value_parser = arch_parser())]
     pub model: Option<Arch>,
     /// Weights file, as for `forward`.
     #[arg(long)]
@@ -194,7 +212,7 @@ pub struct FinetuneArgs {
     #[arg(long)]
     pub dataset: PathBuf,
     /// Architecture of the pretrained model to build on.
-    #[arg(long)]
+    #[arg(long, value_parser = arch_parser())]
     pub base_model: Arch,
     /// Its torchvision weights (safetensors or .pth).
     #[arg(long)]
@@ -218,7 +236,7 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub augment: bool,
     /// `head` (the last Linear) or `classifier` (VGG's three Linear layers).
-    #[arg(long, default_value = "head")]
+    #[arg(long, default_value = "head", value_parser = named::<crate::models::TrainLayers>(crate::models::TrainLayers::ALL.map(|t| t.name())))]
     pub train_layers: crate::models::TrainLayers,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -259,7 +277,7 @@ pub fn healthcheck(args: &HealthcheckArgs) -> anyhow::Result<()> {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Architecture of the weights (optional for torchvision file names and fine-tuned heads).
-    #[arg(long, env = "CNNSERVE_MODEL")]
+    #[arg(long, env = "CNNSERVE_MODEL", value_parser = arch_parser())]
     pub model: Option<Arch>,
     /// Weights file, as for `forward`.
     #[arg(long)]
@@ -277,7 +295,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub warmup: u32,
     /// Arithmetic of the forward pass.
-    #[arg(long, value_enum, default_value_t = Precision::F32, env = "CNNSERVE_DTYPE")]
+    #[arg(long, default_value_t = Precision::F32, env = "CNNSERVE_DTYPE", value_parser = named::<Precision>(Precision::ALL.map(Precision::name)))]
     pub dtype: Precision,
     /// Device, as for `serve`.
     #[arg(long, default_value = "cpu", env = "CNNSERVE_DEVICE")]

@@ -8,19 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{googlenet, layers, vgg, Arch, Network};
 
 /// Which layers fine-tuning replaces and trains; everything before them stays frozen.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    clap::ValueEnum,
-    utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TrainLayers {
     /// The last Linear: VGG's `classifier.6`, GoogLeNet's `fc`.
@@ -30,7 +18,19 @@ pub enum TrainLayers {
     Classifier,
 }
 
+impl std::str::FromStr for TrainLayers {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        TrainLayers::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| format!("unknown layers `{s}` (known: head, classifier)"))
+    }
+}
+
 impl TrainLayers {
+    pub const ALL: [TrainLayers; 2] = [TrainLayers::Head, TrainLayers::Classifier];
+
     pub fn name(self) -> &'static str {
         match self {
             TrainLayers::Head => "head",

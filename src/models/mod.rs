@@ -22,38 +22,17 @@ pub use head::{Head, TrainLayers};
 pub use vgg::{Vgg, VggConfig};
 
 /// An architecture, named as torchvision names its constructor.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-    clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Arch {
-    #[value(name = "vgg11")]
     Vgg11,
-    #[value(name = "vgg11_bn")]
     Vgg11Bn,
-    #[value(name = "vgg13")]
     Vgg13,
-    #[value(name = "vgg13_bn")]
     Vgg13Bn,
-    #[value(name = "vgg16")]
     Vgg16,
-    #[value(name = "vgg16_bn")]
     Vgg16Bn,
-    #[value(name = "vgg19")]
     Vgg19,
-    #[value(name = "vgg19_bn")]
     Vgg19Bn,
-    #[value(name = "googlenet")]
     Googlenet,
 }
 
@@ -153,7 +132,7 @@ impl FromStr for Arch {
 /// `f32` is the default and the only one that is exact against PyTorch's f32. The others trade
 /// accuracy for speed where the hardware has them: `bf16` on CPUs with AVX512_BF16, and `tf32`,
 /// `bf16`, `f16` on CUDA GPUs. [`Precision::check`] says which this build runs on a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
     #[default]
@@ -163,7 +142,24 @@ pub enum Precision {
     F16,
 }
 
+impl FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("unknown dtype `{s}` (known: f32, tf32, bf16, f16)"))
+    }
+}
+
 impl Precision {
+    pub const ALL: [Precision; 4] = [
+        Precision::F32,
+        Precision::Tf32,
+        Precision::Bf16,
+        Precision::F16,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
@@ -351,15 +347,24 @@ mod tests {
     }
 
     #[test]
-    fn arch_names_round_trip_through_str_serde_and_clap() {
+    fn names_round_trip_through_str_and_serde() {
         for arch in Arch::ALL {
             assert_eq!(arch.name().parse::<Arch>().unwrap(), arch);
             let json = serde_json::to_string(&arch).unwrap();
             assert_eq!(json, format!("\"{}\"", arch.name()));
-            let parsed = <Arch as clap::ValueEnum>::from_str(arch.name(), false).unwrap();
-            assert_eq!(parsed, arch);
         }
         assert!("resnet50".parse::<Arch>().is_err());
+        for p in Precision::ALL {
+            assert_eq!(p.name().parse::<Precision>().unwrap(), p);
+            assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{p}\""));
+        }
+        for t in TrainLayers::ALL {
+            assert_eq!(t.name().parse::<TrainLayers>().unwrap(), t);
+            assert_eq!(
+                serde_json::to_string(&t).unwrap(),
+                format!("\"{}\"", t.name())
+            );
+        }
     }
 
     #[test]

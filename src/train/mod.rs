@@ -28,6 +28,8 @@ pub struct Params {
     pub valid_ratio: f64,
     /// RandomRotation(5) and RandomHorizontalFlip(0.5) on training images.
     pub augment: bool,
+    /// `head` (the last Linear) or `classifier` (VGG's three Linear layers).
+    #[schema(value_type = String, example = "head")]
     pub train_layers: TrainLayers,
     pub seed: u64,
 }
