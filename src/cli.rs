@@ -302,14 +302,23 @@ pub struct BenchArgs {
     pub device: String,
 }
 
+/// The model of a command that runs one: `--weights`, `--model`, `--device` and `--dtype`.
+fn open_model(
+    weights: &std::path::Path,
+    model: Option<Arch>,
+    device: &str,
+    dtype: Precision,
+) -> anyhow::Result<crate::engine::Classifier> {
+    let device = parse_device(device)?;
+    dtype.check(&device).map_err(anyhow::Error::msg)?;
+    dtype.enable();
+    crate::engine::classifier::open(weights, model, &device, dtype.dtype())
+        .with_context(|| format!("loading {}", weights.display()))
+}
+
 /// `cnnserve bench`: median, min and max milliseconds per forward pass of a batch.
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
-    let device = parse_device(&args.device)?;
-    args.dtype.check(&device).map_err(anyhow::Error::msg)?;
-    args.dtype.enable();
-    let classifier =
-        crate::engine::classifier::open(&args.weights, args.model, &device, args.dtype.dtype())
-            .with_context(|| format!("loading {}", args.weights.display()))?;
+    let classifier = open_model(&args.weights, args.model, &args.device, args.dtype)?;
     let size = args.size as usize;
     for &batch in &args.batch {
         let batch = batch as usize;
@@ -499,10 +508,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
 /// command fail at the end.
 pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     use std::io::Write;
-    let device = parse_device(&args.device)?;
-    let classifier =
-        crate::engine::classifier::open(&args.weights, args.model, &device, DType::F32)
-            .with_context(|| format!("loading {}", args.weights.display()))?;
+    let classifier = open_model(&args.weights, args.model, &args.device, Precision::F32)?;
     let transform = args.transform.unwrap_or(classifier.transform);
     let mut failed = 0;
     let mut out = std::io::stdout().lock();
@@ -731,12 +737,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 pub fn forward(args: &ForwardArgs) -> anyhow::Result<()> {
-    let device = parse_device(&args.device)?;
-    args.dtype.check(&device).map_err(anyhow::Error::msg)?;
-    args.dtype.enable();
-    let classifier =
-        crate::engine::classifier::open(&args.weights, args.model, &device, args.dtype.dtype())
-            .with_context(|| format!("loading {}", args.weights.display()))?;
+    let classifier = open_model(&args.weights, args.model, &args.device, args.dtype)?;
     let inputs = candle_core::safetensors::load(&args.input, classifier.device())
         .with_context(|| format!("reading {}", args.input.display()))?;
     let mut outputs = HashMap::new();
