@@ -353,7 +353,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             "size": size,
             "dtype": args.dtype.name(),
             "device": args.device,
-            "isa": if device.is_cpu() { crate::models::cpu::Isa::best().name() } else { "-" },
+            "isa": if classifier.device().is_cpu() { crate::models::cpu::Isa::best().name() } else { "-" },
             "threads": rayon::current_num_threads(),
             "iters": args.iters,
             "ms_median": round(median),
