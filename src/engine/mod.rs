@@ -125,6 +125,16 @@ pub struct Pending {
     pub error: Option<String>,
 }
 
+impl Pending {
+    /// `loading`, or `failed` with the reason.
+    pub fn state(&self) -> ModelState {
+        match &self.error {
+            None => ModelState::Loading,
+            Some(e) => ModelState::Failed(e.clone()),
+        }
+    }
+}
+
 impl EngineError {
     /// A forward pass's failure, told apart when the device ran out of memory: that one passes.
     pub fn from_forward(message: String) -> Self {
@@ -337,10 +347,7 @@ impl Engine {
             return Some(ModelState::Ready);
         }
         let pending = self.inner.pending.read().expect("pending models lock");
-        pending.get(name).map(|p| match &p.error {
-            None => ModelState::Loading,
-            Some(e) => ModelState::Failed(e.clone()),
-        })
+        pending.get(name).map(Pending::state)
     }
 
     /// Every known model's state, by name: served ones `ready`, the others `loading` or `failed`.
@@ -351,10 +358,7 @@ impl Engine {
             .map(|n| (n, ModelState::Ready))
             .collect();
         for p in self.pending() {
-            let state = match p.error {
-                None => ModelState::Loading,
-                Some(e) => ModelState::Failed(e),
-            };
+            let state = p.state();
             states.entry(p.name).or_insert(state);
         }
         states
@@ -507,17 +511,16 @@ impl Engine {
             }
         };
         report.skipped = found.skipped;
+        // Served models stay `ready` while a changed file reloads; `expect` skips them.
         self.expect(
             found
                 .pretrained
                 .iter()
-                .filter(|(name, _, file)| !self.is_current(name, file))
                 .map(|(name, arch, _)| (name.clone(), Some(*arch)))
                 .chain(
                     found
                         .fine_tuned
                         .iter()
-                        .filter(|(meta, file)| !self.is_current(&meta.name, file))
                         .map(|(meta, _)| (meta.name.clone(), Some(meta.arch))),
                 ),
         );

@@ -323,14 +323,16 @@ impl JobManager {
 
     /// True when a model of this name exists or a job that has not finished will write one.
     pub fn name_taken(&self, name: &str) -> bool {
-        if self.shared.engine.get(name).is_some() {
-            return true;
-        }
         let state = self.shared.state.lock().expect("job state lock");
-        state
-            .jobs
-            .values()
-            .any(|j| j.name == name && !j.status.is_finished())
+        self.taken_in(&state, name)
+    }
+
+    fn taken_in(&self, state: &State, name: &str) -> bool {
+        self.shared.engine.get(name).is_some()
+            || state
+                .jobs
+                .values()
+                .any(|j| j.name == name && !j.status.is_finished())
     }
 
     /// Queues a job whose data set was validated already.
@@ -372,17 +374,12 @@ impl JobManager {
             // uploads with one name, exactly one gets here first. The store's unique index on
             // unfinished jobs' names is the same rule on disk.
             let mut state = self.shared.state.lock().expect("job state lock");
-            let taken = self.shared.engine.get(&job.name).is_some()
-                || state
-                    .jobs
-                    .values()
-                    .any(|j| j.name == job.name && !j.status.is_finished());
-            if taken {
-                return Err(JobError::Conflict(name_taken(&job.name)));
+            if self.taken_in(&state, &job.name) {
+                return Err(JobError::Conflict(name_taken_message(&job.name)));
             }
             match self.store(&job) {
                 Err(JobError::Store(StoreError::NameTaken(_))) => {
-                    return Err(JobError::Conflict(name_taken(&job.name)))
+                    return Err(JobError::Conflict(name_taken_message(&job.name)))
                 }
                 other => other?,
             }
@@ -630,18 +627,9 @@ impl JobManager {
         };
         job.status = Status::Running;
         job.started_at = Some(Utc::now());
-        job.progress = Some(Progress::phase(Phase::Reading, job.params.epochs));
-        self.store(&job)?;
-        {
-            let mut state = self.shared.state.lock().expect("job state lock");
-            state.jobs.insert(id.to_string(), job.clone());
-        }
+        let reading = Progress::phase(Phase::Reading, job.params.epochs);
+        self.set_progress(&mut job, reading, true)?;
         self.update_gauges();
-        let reading = JobEvent::Progress {
-            job_id: id.to_string(),
-            progress: Progress::phase(Phase::Reading, job.params.epochs),
-        };
-        let _ = self.shared.events.send(reading);
         tracing::info!(job = %id, name = %job.name, base = %job.base_model, "training started");
 
         let outcome = self.train(&mut job, dataset, cancel);
@@ -780,8 +768,8 @@ impl JobManager {
         ))
     }
 
-    /// The one place a running job's progress and history change: memory, the store (when
-    /// `persist`) and the event stream, together.
+    /// The one place a running job changes: memory, the store (when `persist`) and the event
+    /// stream, together.
     fn update(&self, job: &mut Job, event: JobEvent, persist: bool) -> Result<(), JobError> {
         match &event {
             JobEvent::Progress { progress, .. } => job.progress = Some(progress.clone()),
@@ -791,8 +779,7 @@ impl JobManager {
         {
             let mut state = self.shared.state.lock().expect("job state lock");
             if let Some(j) = state.jobs.get_mut(&job.job_id) {
-                j.progress = job.progress.clone();
-                j.history = job.history.clone();
+                *j = job.clone();
             }
         }
         let stored = if persist { self.store(job) } else { Ok(()) };
@@ -832,7 +819,7 @@ impl JobManager {
 }
 
 /// Why `name` cannot be used for a new job's model.
-pub fn name_taken(name: &str) -> String {
+pub fn name_taken_message(name: &str) -> String {
     format!("a model or an unfinished job is already called `{name}`: choose another name")
 }
 

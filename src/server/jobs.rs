@@ -147,7 +147,7 @@ pub async fn submit(
     train::output::check_name(&name).map_err(ApiError::bad_request)?;
     // Checked early to spare a doomed upload its decoding; `submit` decides under its lock.
     if jobs.name_taken(&name) {
-        return Err(ApiError::conflict(crate::jobs::name_taken(&name)));
+        return Err(ApiError::conflict(crate::jobs::name_taken_message(&name)));
     }
 
     let limits = jobs.config().dataset_limits.clone();

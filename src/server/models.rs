@@ -111,15 +111,12 @@ pub async fn list(State(state): State<AppState>) -> Json<ModelList> {
         })
         .collect();
     for p in state.engine.pending() {
+        let state = p.state();
         let view = PendingView {
-            state: if p.error.is_some() {
-                "failed"
-            } else {
-                "loading"
-            },
+            state: state.name(),
+            error: state.error().map(str::to_string),
             default: is_default(&p.name),
             architecture: p.arch.map(|a| a.to_string()),
-            error: p.error,
             name: p.name.clone(),
         };
         models.push((p.name, ModelEntry::Pending(view)));
