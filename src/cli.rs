@@ -63,6 +63,9 @@ pub enum Command {
     Bench(BenchArgs),
     /// Exit 0 when a server answers `/ping`, 1 otherwise: a container's HEALTHCHECK.
     Healthcheck(HealthcheckArgs),
+    /// Download torchvision's official weights into the weights dir, check them against the
+    /// sha256 prefix in their file name, and keep them as `<arch>.safetensors`.
+    FetchWeights(FetchWeightsArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -108,7 +111,9 @@ pub struct ServeArgs {
     /// Never download: serve whatever the weights dir holds.
     #[arg(long, env = "CNNSERVE_OFFLINE")]
     pub offline: bool,
-    /// Where missing torchvision weights are downloaded from.
+    /// Where a missing default model's torchvision weights are downloaded from (as
+    /// `cnnserve fetch-weights` does): a base URL holding torchvision's file names, or one
+    /// `<arch>-<sha256 prefix>.pth` URL.
     #[arg(long, default_value = weights::fetch::TORCHVISION_URL, env = "CNNSERVE_WEIGHTS_URL")]
     pub weights_url: String,
     /// Largest data set zip accepted by POST /finetune (streamed to disk as it arrives).
@@ -125,6 +130,55 @@ pub struct ServeArgs {
     /// start with a message.
     #[arg(long, default_value_t = Precision::F32, env = "CNNSERVE_DTYPE", value_parser = named::<Precision>(Precision::ALL.map(Precision::name)))]
     pub dtype: Precision,
+    #[command(flatten)]
+    pub access: AccessArgs,
+}
+
+/// Who may call the API.
+#[derive(Debug, Clone, Default, Args)]
+pub struct AccessArgs {
+    /// Require `Authorization: Bearer <KEY>` on every request but the page, its docs, health,
+    /// ping and metrics. Prefer --api-key-file or the variable: a flag shows in `ps`.
+    #[arg(
+        long,
+        env = "CNNSERVE_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "api_key_file"
+    )]
+    pub api_key: Option<String>,
+    /// As --api-key, with the key read from a file (surrounding whitespace ignored).
+    #[arg(long, env = "CNNSERVE_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// An origin whose pages may call the API from a browser (CORS), e.g.
+    /// https://app.example.com; repeat for more, or `*` for any. Without it, none may.
+    #[arg(long = "cors-allow-origin", env = "CNNSERVE_CORS_ALLOW_ORIGIN", value_delimiter = ',', value_parser = crate::server::auth::parse_origin)]
+    pub cors_allow_origins: Vec<axum::http::HeaderValue>,
+}
+
+impl AccessArgs {
+    /// The server's access settings; a key file that cannot be read or an empty key is an error.
+    pub fn access(&self) -> anyhow::Result<crate::server::auth::Access> {
+        use crate::server::auth::ApiKey;
+        let api_key = match (&self.api_key, &self.api_key_file) {
+            (Some(key), _) => {
+                Some(ApiKey::new(key).map_err(|e| anyhow::anyhow!("--api-key: {e}"))?)
+            }
+            (None, Some(file)) => {
+                let key = std::fs::read_to_string(file).map_err(|e| {
+                    anyhow::anyhow!("cannot read the API key file {}: {e}", file.display())
+                })?;
+                Some(
+                    ApiKey::new(&key)
+                        .map_err(|e| anyhow::anyhow!("the API key file {}: {e}", file.display()))?,
+                )
+            }
+            (None, None) => None,
+        };
+        Ok(crate::server::auth::Access {
+            api_key,
+            cors_allow_origins: self.cors_allow_origins.clone(),
+        })
+    }
 }
 
 /// `20MB`, `1GiB`, `512k`, `1000`: decimal and binary units, bytes when bare.
@@ -260,6 +314,81 @@ pub struct HealthcheckArgs {
     /// Seconds to wait for the answer.
     #[arg(long, default_value_t = 5)]
     pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct FetchWeightsArgs {
+    /// What to fetch: `all` (vgg11_bn and googlenet) or architectures (vgg11, vgg11_bn, …,
+    /// vgg19_bn, googlenet).
+    #[arg(default_value = "all")]
+    pub models: Vec<String>,
+    /// Folder the safetensors files are written to (the server's weights dir).
+    #[arg(long, default_value = "weights", env = "CNNSERVE_WEIGHTS_DIR")]
+    pub weights_dir: PathBuf,
+    /// Where torchvision's files are: a base URL holding them under torchvision's names, or the
+    /// URL of one `<arch>-<sha256 prefix>.pth` file (a mirror) when fetching one architecture.
+    #[arg(long, visible_alias = "url", default_value = weights::fetch::TORCHVISION_URL, env = "CNNSERVE_WEIGHTS_URL")]
+    pub weights_url: String,
+}
+
+/// `cnnserve fetch-weights`.
+pub fn fetch_weights(args: &FetchWeightsArgs) -> anyhow::Result<()> {
+    let mut archs = Vec::new();
+    for name in &args.models {
+        let more = if name == "all" {
+            vec![Arch::Vgg11Bn, Arch::Googlenet]
+        } else {
+            vec![name
+                .parse::<Arch>()
+                .map_err(|e| anyhow::anyhow!("{e}, or all"))?]
+        };
+        for arch in more {
+            if !archs.contains(&arch) {
+                archs.push(arch);
+            }
+        }
+    }
+    if archs.len() > 1 && args.weights_url.ends_with(".pth") {
+        anyhow::bail!(
+            "{} is one file: name the one architecture it holds (e.g. `cnnserve fetch-weights googlenet --url …`)",
+            args.weights_url
+        );
+    }
+    let dir = &args.weights_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the weights dir {}", dir.display()))?;
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    for arch in archs {
+        let target = weights::fetch::target_file(dir, arch);
+        if target.is_file() {
+            println!("{arch}: {} is already there", target.display());
+            continue;
+        }
+        let path = weights::fetch::fetch_torchvision(arch, dir, &args.weights_url, progress)
+            .with_context(|| format!("cannot fetch {arch}"))?;
+        // A file whose hash matched its name but that is not `arch` is not kept.
+        let identity = match weights::load_network_with_identity(arch, &path, &Device::Cpu) {
+            Ok((_, identity)) => identity,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                anyhow::bail!("the file fetched for {arch} is not {arch}'s weights: {e}");
+            }
+        };
+        println!(
+            "{arch}: wrote {} (tensors sha256 {})",
+            path.display(),
+            &identity.tensors_sha256[..16]
+        );
+        let pth = dir.join(weights::fetch::torchvision_file(arch));
+        if pth.is_file() {
+            println!(
+                "note: {} is served as `{arch}` now instead of {}; heads trained on either find it. You may delete the .pth.",
+                path.display(),
+                pth.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `cnnserve healthcheck`: Ok when `url` answers 200.
@@ -409,9 +538,9 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
     for s in &data.skipped {
         eprintln!("  skipped {}: {}", s.file, s.reason);
     }
-    let network = weights::load_network(args.base_model, &args.weights, &device)
-        .with_context(|| format!("loading {}", args.weights.display()))?;
-    let base_sha = crate::engine::classifier::sha256_file(&args.weights)?;
+    let (network, base_identity) =
+        weights::load_network_with_identity(args.base_model, &args.weights, &device)
+            .with_context(|| format!("loading {}", args.weights.display()))?;
 
     let bar = indicatif::ProgressBar::new(params.epochs as u64);
     bar.set_style(
@@ -474,7 +603,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
         &trained,
         &name,
         &weights::pth::model_name_from_file(&args.weights),
-        &base_sha,
+        &base_identity,
         &params,
         &args.weights_dir,
     )?;
@@ -600,6 +729,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     args.dtype.check(&device).map_err(anyhow::Error::msg)?;
     args.dtype.enable();
+    let access = args.access.access()?;
+    let api_key = access.api_key.is_some();
+    let cors: Vec<&str> = args
+        .access
+        .cors_allow_origins
+        .iter()
+        .filter_map(|o| o.to_str().ok())
+        .collect();
+    let cors = cors.join(",");
     let dir = args.weights_dir.clone();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the weights dir {}", dir.display()))?;
@@ -657,7 +795,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_dataset_bytes: args.max_dataset_bytes,
         },
         Some(args.default_model.clone()),
-    );
+    )
+    .with_access(access);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let jobs = crate::jobs::JobManager::open(
         crate::jobs::JobConfig {
@@ -678,7 +817,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
-    tracing::info!(addr = %listener.local_addr()?, weights_dir = %dir.display(), "listening");
+    tracing::info!(addr = %listener.local_addr()?, weights_dir = %dir.display(), api_key, cors_allow_origins = %cors, "listening");
 
     let url = args.weights_url.clone();
     let starter = jobs.clone();

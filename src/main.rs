@@ -30,6 +30,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::Finetune(args)) => cli::finetune(&args),
         Some(Command::Bench(args)) => cli::bench(&args),
         Some(Command::Healthcheck(args)) => cli::healthcheck(&args),
+        Some(Command::FetchWeights(args)) => cli::fetch_weights(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

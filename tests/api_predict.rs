@@ -461,6 +461,8 @@ fn write_fine_tuned(dir: &Path, name: &str, base: &Classifier) {
         arch: Arch::Googlenet,
         base_model: base.name.clone(),
         base_sha256: base.sha256.clone(),
+        // As heads from before the tensors' digest was recorded.
+        base_tensors_sha256: None,
         train_layers: cnnserve::models::TrainLayers::Head,
         classes: vec!["Cat".into(), "Dog".into()],
         transform: Transform::Resize256x256,

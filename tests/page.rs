@@ -161,3 +161,51 @@ async fn the_page_lists_models_and_shows_a_finished_job_with_its_gallery() {
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swagger_ui_shows_every_route_of_the_openapi_document() {
+    let engine = Engine::new(
+        EngineConfig::on(candle_core::Device::Cpu),
+        Arc::new(Metrics::new()),
+    );
+    let state = AppState::new(
+        engine,
+        ServerConfig {
+            weights_dir: std::env::temp_dir(),
+            payload_limit: 1 << 20,
+            device_name: "cpu".into(),
+            max_dataset_bytes: 1 << 20,
+        },
+        None,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    let doc = tokio::task::spawn_blocking(move || {
+        ureq::get(&format!("http://{addr}/openapi.json"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    let docs = tokio::task::spawn_blocking(move || rendered(&format!("http://{addr}/docs/")))
+        .await
+        .unwrap();
+    let paths: Vec<&String> = doc["paths"].as_object().unwrap().keys().collect();
+    assert!(paths.len() > 15, "{paths:?}");
+    for path in paths {
+        assert!(
+            docs.contains(&format!(r#"data-path="{path}""#)),
+            "{path} is not shown by Swagger UI"
+        );
+    }
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}

@@ -1,4 +1,5 @@
-//! `cnnserve serve` as a process: start-up checks, downloads of missing weights, signals.
+//! `cnnserve serve` as a process: start-up checks, downloads of missing weights (and `cnnserve
+//! fetch-weights`), signals.
 
 mod common;
 
@@ -16,7 +17,7 @@ fn cnnserve() -> Command {
 }
 
 /// A static file server on a random local port, standing in for download.pytorch.org.
-async fn file_server(files: Vec<(&'static str, Vec<u8>)>) -> String {
+async fn file_server(files: Vec<(String, Vec<u8>)>) -> String {
     let mut app = axum::Router::new();
     for (name, bytes) in files {
         app = app.route(
@@ -34,7 +35,7 @@ async fn file_server(files: Vec<(&'static str, Vec<u8>)>) -> String {
 async fn download_checks_the_sha256_prefix_and_leaves_nothing_half_written() {
     let payload = b"pretend these are weights".to_vec();
     let digest = format!("{:x}", sha2::Sha256::digest(&payload));
-    let base = file_server(vec![("good.pth", payload.clone())]).await;
+    let base = file_server(vec![("good.pth".into(), payload.clone())]).await;
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("good.pth");
 
@@ -249,7 +250,7 @@ async fn serve_downloads_a_missing_default_model_and_refuses_a_corrupt_one() {
     // Our fixture is not torchvision's file, so its sha256 cannot match the name's hash:
     // the download must be refused and nothing kept.
     let weights = std::fs::read(common::fixtures().join("googlenet/weights.pth")).unwrap();
-    let base = file_server(vec![("googlenet-1378be20.pth", weights)]).await;
+    let base = file_server(vec![("googlenet-1378be20.pth".into(), weights)]).await;
     let dir = tempfile::tempdir().unwrap();
     let dir_path = dir.path().to_path_buf();
     let logs = tokio::task::spawn_blocking(move || {
@@ -643,4 +644,275 @@ fn stalled_clients_are_cut_and_slow_uploads_are_not() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     sigterm(&child);
     assert!(child.wait().unwrap().success());
+}
+
+/// A server that promises `promised` bytes and closes the connection after `sent`.
+async fn cut_off_server(promised: usize, sent: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {promised}\r\n\r\n");
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(&vec![7u8; sent]).await;
+            let _ = stream.shutdown().await;
+        }
+    });
+    format!("http://{addr}/models")
+}
+
+/// Names of the files in `dir` (hidden ones included).
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The googlenet fixture as a mirror would name it: `googlenet-<its sha256 prefix>.pth`.
+fn googlenet_pth_as_published() -> (String, Vec<u8>, String) {
+    let bytes = std::fs::read(common::fixtures().join("googlenet/weights.pth")).unwrap();
+    let sha = format!("{:x}", sha2::Sha256::digest(&bytes));
+    (format!("googlenet-{}.pth", &sha[..8]), bytes, sha)
+}
+
+fn fetch_weights(dir: &Path, args: &[&str]) -> std::process::Output {
+    cnnserve()
+        .arg("fetch-weights")
+        .args(args)
+        .arg("--weights-dir")
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_weights_converts_a_checked_download_and_refuses_bad_ones() {
+    let (name, bytes, sha) = googlenet_pth_as_published();
+    let base = file_server(vec![
+        (name.clone(), bytes.clone()),
+        ("googlenet-1378be20.pth".into(), bytes),
+    ])
+    .await;
+    let cut = cut_off_server(1 << 20, 1000).await;
+    tokio::task::spawn_blocking(move || {
+        // Wrong hash: torchvision's name on a file that is not torchvision's.
+        let dir = tempfile::tempdir().unwrap();
+        let out = fetch_weights(dir.path(), &["googlenet", "--url", &base]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains("does not start with 1378be20"), "{stderr}");
+        assert!(!stderr.contains("stack backtrace"), "{stderr}");
+        assert_eq!(files_in(dir.path()), Vec::<String>::new(), "nothing kept");
+
+        // 404.
+        let out = fetch_weights(dir.path(), &["vgg11_bn", "--weights-url", &base]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains("404"), "{stderr}");
+        assert_eq!(files_in(dir.path()), Vec::<String>::new(), "nothing kept");
+
+        // Cut off after 1000 of 1 MiB.
+        let out = fetch_weights(
+            dir.path(),
+            &[
+                "googlenet",
+                "--url",
+                &format!("{cut}/googlenet-00000000.pth"),
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        let error = stderr.lines().find(|l| l.starts_with("error: ")).unwrap();
+        assert!(
+            error.starts_with("error: cannot fetch googlenet"),
+            "{stderr}"
+        );
+        assert!(
+            error.contains("the connection ended after 1000 of 1048576 bytes"),
+            "{error}"
+        );
+        assert!(
+            error.contains("googlenet.safetensors") && !error.contains(".download-"),
+            "{error}"
+        );
+        assert_eq!(files_in(dir.path()), Vec::<String>::new(), "nothing kept");
+
+        // A name without a hash cannot be checked.
+        let out = fetch_weights(
+            dir.path(),
+            &["googlenet", "--url", &format!("{base}/googlenet.pth")],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("no sha256 prefix"), "{stderr}");
+
+        // One file for two architectures.
+        let out = fetch_weights(dir.path(), &["all", "--url", &format!("{base}/{name}")]);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is one file"));
+
+        // Success: the mirror's file, checked, converted, alone in the dir.
+        let out = fetch_weights(
+            dir.path(),
+            &["googlenet", "--url", &format!("{base}/{name}")],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("googlenet: wrote"), "{stdout}");
+        assert_eq!(files_in(dir.path()), ["googlenet.safetensors"]);
+        let converted = dir.path().join("googlenet.safetensors");
+        assert_eq!(
+            cnnserve::weights::sniff(&converted).unwrap(),
+            cnnserve::weights::FileFormat::Safetensors
+        );
+        assert_eq!(cnnserve::weights::source_sha256(&converted), Some(sha));
+
+        // Once there, it is not fetched again.
+        let out = fetch_weights(
+            dir.path(),
+            &["googlenet", "--url", "http://127.0.0.1:9/none"],
+        );
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("already there"));
+    })
+    .await
+    .unwrap();
+}
+
+/// A two-class GoogLeNet head whose metadata names its base by `base_sha256` and, when given,
+/// by the tensors' digest.
+fn write_head(
+    dir: &Path,
+    name: &str,
+    base_sha256: &str,
+    tensors_sha256: Option<&str>,
+) -> std::path::PathBuf {
+    use candle_core::{Device, Tensor};
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert(
+        "fc.weight".to_string(),
+        Tensor::randn(0f32, 0.05, (2, 1024), &Device::Cpu).unwrap(),
+    );
+    tensors.insert(
+        "fc.bias".to_string(),
+        Tensor::new(&[0.1f32, -0.1], &Device::Cpu).unwrap(),
+    );
+    let file = dir.join(format!("{name}.safetensors"));
+    cnnserve::weights::save_safetensors(&tensors, &file).unwrap();
+    let mut meta = serde_json::json!({
+        "format": "cnnserve-finetuned/1",
+        "name": name,
+        "arch": "googlenet",
+        "base_model": "googlenet",
+        "base_sha256": base_sha256,
+        "train_layers": "head",
+        "classes": ["Cat", "Dog"],
+        "transform": "resize256x256",
+        "created_at": "2026-01-01T00:00:00Z",
+    });
+    if let Some(digest) = tensors_sha256 {
+        meta["base_tensors_sha256"] = digest.into();
+    }
+    std::fs::write(dir.join(format!("{name}.json")), meta.to_string()).unwrap();
+    file
+}
+
+fn open(file: &Path) -> Result<cnnserve::engine::Classifier, String> {
+    cnnserve::engine::classifier::open(
+        file,
+        None,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn heads_find_their_base_after_it_is_converted_to_safetensors() {
+    use cnnserve::models::Arch;
+    let fixtures = common::fixtures();
+    let pth = fixtures.join("googlenet/weights.pth");
+    let (_, from_pth) = cnnserve::weights::load_network_with_identity(
+        Arch::Googlenet,
+        &pth,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let (_, from_st) = cnnserve::weights::load_network_with_identity(
+        Arch::Googlenet,
+        &fixtures.join("googlenet/weights.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_ne!(from_pth.file_sha256, from_st.file_sha256);
+    assert_eq!(
+        from_pth.tensors_sha256, from_st.tensors_sha256,
+        "same tensors, same identity"
+    );
+
+    // Heads trained on the .pth: an old one (file sha256 only) and a new one (tensors too).
+    let before = tempfile::tempdir().unwrap();
+    std::fs::copy(&pth, before.path().join("googlenet.pth")).unwrap();
+    let old = write_head(before.path(), "old", &from_pth.file_sha256, None);
+    let new = write_head(
+        before.path(),
+        "new",
+        &from_pth.file_sha256,
+        Some(&from_pth.tensors_sha256),
+    );
+    let stranger = write_head(
+        before.path(),
+        "stranger",
+        &"ab".repeat(32),
+        Some(&"cd".repeat(32)),
+    );
+    assert!(open(&old).is_ok());
+    assert!(open(&new).is_ok());
+    let err = open(&stranger).unwrap_err();
+    assert!(err.contains("is not in"), "{err}");
+
+    // The base converted as fetch-weights does, the .pth gone: both heads still load.
+    let after = tempfile::tempdir().unwrap();
+    let metadata = [(
+        cnnserve::weights::SOURCE_SHA256.to_string(),
+        from_pth.file_sha256.clone(),
+    )]
+    .into_iter()
+    .collect();
+    cnnserve::weights::convert_to_safetensors(
+        &pth,
+        &after.path().join("googlenet.safetensors"),
+        metadata,
+    )
+    .unwrap();
+    for head in ["old", "new"] {
+        for ext in ["safetensors", "json"] {
+            let file = format!("{head}.{ext}");
+            std::fs::copy(before.path().join(&file), after.path().join(&file)).unwrap();
+        }
+        let c = open(&after.path().join(format!("{head}.safetensors")))
+            .unwrap_or_else(|e| panic!("{head}: {e}"));
+        assert_eq!(c.labels, ["Cat", "Dog"]);
+    }
+    // A converted file whose provenance was not recorded is still found by its tensors.
+    let bare = tempfile::tempdir().unwrap();
+    cnnserve::weights::convert_to_safetensors(
+        &pth,
+        &bare.path().join("googlenet.safetensors"),
+        Default::default(),
+    )
+    .unwrap();
+    for ext in ["safetensors", "json"] {
+        let file = format!("new.{ext}");
+        std::fs::copy(before.path().join(&file), bare.path().join(&file)).unwrap();
+    }
+    assert!(open(&bare.path().join("new.safetensors")).is_ok());
 }

@@ -263,9 +263,18 @@ fn a_saved_head_is_served_by_predict_with_the_data_set_classes() {
         &base,
     )
     .unwrap();
-    let sha = cnnserve::engine::classifier::sha256_file(&base).unwrap();
-    let saved =
-        train::output::save(&trained, "shapes", "googlenet", &sha, &params, dir.path()).unwrap();
+    let (_, identity) =
+        cnnserve::weights::load_network_with_identity(Arch::Googlenet, &base, &Device::Cpu)
+            .unwrap();
+    let saved = train::output::save(
+        &trained,
+        "shapes",
+        "googlenet",
+        &identity,
+        &params,
+        dir.path(),
+    )
+    .unwrap();
     assert!(saved.weights.ends_with("shapes.safetensors") && saved.metadata.is_file());
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

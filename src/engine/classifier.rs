@@ -37,6 +37,8 @@ pub struct Classifier {
     pub transform: Transform,
     pub file: PathBuf,
     pub sha256: String,
+    /// For pretrained weights: what fine-tuned heads find them by.
+    pub identity: Option<weights::WeightsIdentity>,
     pub loaded_at: DateTime<Utc>,
     /// For a fine-tuned model: its metadata (base model, params, metrics).
     pub meta: Option<FineTunedMeta>,
@@ -54,13 +56,14 @@ impl Classifier {
         dtype: DType,
     ) -> Result<Self, WeightsError> {
         // Hashing reads the file a second time: let it run beside the load, not after it.
-        let (network, sha256) = std::thread::scope(|s| {
+        let (loaded, sha256) = std::thread::scope(|s| {
             let hash = s.spawn(|| sha256_file(file));
-            let network = weights::load_network_as(arch, file, device, dtype);
+            let loaded = weights::load_network_identified(arch, file, device, dtype);
             let sha256 = hash.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-            (network, sha256)
+            (loaded, sha256)
         });
-        let (network, sha256) = (network?, sha256?);
+        let ((network, tensors_sha256), sha256) = (loaded?, sha256?);
+        let identity = weights::WeightsIdentity::new(file, sha256.clone(), tensors_sha256);
         warm_up(&network)?;
         let labels = if network.num_classes() == 1000 {
             imagenet_labels()
@@ -77,6 +80,7 @@ impl Classifier {
             transform: Transform::Imagenet,
             file: file.to_path_buf(),
             sha256,
+            identity: Some(identity),
             loaded_at: Utc::now(),
             meta: None,
             network: Arc::new(network),
@@ -90,7 +94,7 @@ impl Classifier {
         file: &Path,
         base: &Classifier,
     ) -> Result<Self, WeightsError> {
-        if base.arch != meta.arch || base.sha256 != meta.base_sha256 {
+        if !base.is_base_of(&meta) {
             return Err(WeightsError::Format {
                 path: file.to_path_buf(),
                 reason: format!(
@@ -112,11 +116,19 @@ impl Classifier {
             transform: meta.transform,
             file: file.to_path_buf(),
             sha256: sha256_file(file)?,
+            identity: None,
             loaded_at: Utc::now(),
             meta: Some(meta),
             network: base.network.clone(),
             head: Some(head),
         })
+    }
+
+    /// Whether this is the pretrained model `meta`'s head was trained on.
+    pub fn is_base_of(&self, meta: &FineTunedMeta) -> bool {
+        self.identity
+            .as_ref()
+            .is_some_and(|id| meta.is_trained_on(self.arch, id))
     }
 
     /// Eval-mode logits for a normalized batch.
@@ -157,24 +169,7 @@ fn warm_up(network: &Network) -> Result<(), WeightsError> {
     Ok(())
 }
 
-pub fn sha256_file(path: &Path) -> Result<String, WeightsError> {
-    use sha2::Digest;
-    let io = |source| WeightsError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let mut hasher = sha2::Sha256::new();
-    // Hash through a map of the file: no copy of hundreds of MB through a read buffer.
-    // SAFETY: read-only, dropped at return; a file truncated underneath could fault.
-    match unsafe { memmap2::Mmap::map(&file) } {
-        Ok(map) => hasher.update(&map[..]),
-        Err(_) => {
-            std::io::copy(&mut file, &mut hasher).map_err(io)?;
-        }
-    }
-    Ok(format!("{:x}", hasher.finalize()))
-}
+pub use crate::weights::sha256_file;
 
 fn short(sha: &str) -> &str {
     &sha[..sha.len().min(12)]
@@ -218,8 +213,11 @@ pub fn open(
         source,
     })?;
     for (name, base_arch, base_file) in scan.pretrained {
-        if base_arch == meta.arch && sha256_file(&base_file)? == meta.base_sha256 {
-            let base = Classifier::pretrained(&name, base_arch, &base_file, device, dtype)?;
+        if base_arch != meta.arch {
+            continue;
+        }
+        let base = Classifier::pretrained(&name, base_arch, &base_file, device, dtype)?;
+        if base.is_base_of(&meta) {
             return Classifier::fine_tuned(meta, file, &base);
         }
     }

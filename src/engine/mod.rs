@@ -557,10 +557,7 @@ impl Engine {
                 report.unchanged.push(name);
                 continue;
             }
-            let base = self
-                .models()
-                .into_iter()
-                .find(|c| c.kind == ModelKind::Pretrained && c.sha256 == meta.base_sha256);
+            let base = self.models().into_iter().find(|c| c.is_base_of(&meta));
             let arch = meta.arch;
             let loaded = match base {
                 None => Err(format!(

@@ -747,7 +747,9 @@ impl JobManager {
             &trained,
             &job.name,
             &base.name,
-            &base.sha256,
+            base.identity.as_ref().ok_or_else(|| {
+                TrainError::Io(std::io::Error::other("the base is not a pretrained model"))
+            })?,
             &job.params,
             &staging,
         )?;

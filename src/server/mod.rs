@@ -1,5 +1,6 @@
 //! HTTP: routes, shared state, and the serve loop. The only module that knows axum.
 
+pub mod auth;
 pub mod error;
 mod health;
 mod jobs;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     /// Fine-tuning; the job endpoints answer 503 without it.
     pub jobs: Option<JobManager>,
+    /// API key and CORS origins; open to all by default.
+    pub access: Arc<auth::Access>,
     default_model: Arc<RwLock<Option<String>>>,
 }
 
@@ -50,12 +53,19 @@ impl AppState {
             engine,
             config: Arc::new(config),
             jobs: None,
+            access: Arc::default(),
             default_model: Arc::new(RwLock::new(default_model)),
         }
     }
 
     pub fn with_jobs(mut self, jobs: JobManager) -> Self {
         self.jobs = Some(jobs);
+        self
+    }
+
+    /// Asks for an API key and allows browser pages from other origins, as `access` says.
+    pub fn with_access(mut self, access: auth::Access) -> Self {
+        self.access = Arc::new(access);
         self
     }
 
@@ -81,11 +91,15 @@ pub fn router(state: AppState) -> Router {
     // Multipart framing on top of the zip itself; the zip's own size is checked as it streams.
     let upload_limit = usize::try_from(state.config.max_dataset_bytes.saturating_add(1 << 20))
         .unwrap_or(usize::MAX);
-    Router::new()
+    let access = state.access.clone();
+    let router = Router::new()
         .route("/", get(static_files::index))
         .route("/static/app.js", get(static_files::app))
         .route("/static/style.css", get(static_files::style))
-        .route("/finetune", post(jobs::submit).layer(DefaultBodyLimit::max(upload_limit)))
+        .route(
+            "/finetune",
+            post(jobs::submit).layer(DefaultBodyLimit::max(upload_limit)),
+        )
         .route("/jobs", get(jobs::list))
         .route("/jobs/{id}", get(jobs::get).delete(jobs::delete))
         .route("/jobs/{id}/events", get(jobs::events))
@@ -95,15 +109,29 @@ pub fn router(state: AppState) -> Router {
         .route("/models", get(models::list))
         .route("/models/reload", post(models::reload))
         .route("/models/{name}", get(models::get).delete(models::delete))
-        .route("/models/{name}/predict", post(predict::predict_named).layer(limit))
+        .route(
+            "/models/{name}/predict",
+            post(predict::predict_named).layer(limit),
+        )
         .route("/health", get(health::health))
         .route("/ping", get(health::ping))
         .route("/info", get(health::info))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi::openapi))
+        .merge(openapi::swagger_ui())
         .fallback(|| async { ApiError::not_found("no such endpoint; see the README for the API") })
         .with_state(state)
-        .layer(axum::middleware::from_fn(error::json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            access.api_key.clone(),
+            auth::require_key,
+        ))
+        .layer(axum::middleware::from_fn(error::json_errors));
+    // Outside the key check: preflights carry no key, and a 401 must be readable by the page.
+    let router = match auth::cors(&access.cors_allow_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
             let id = request
@@ -111,7 +139,7 @@ pub fn router(state: AppState) -> Router {
                 .get(&REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-");
-            tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
+            tracing::info_span!("request", method = %request.method(), uri = %auth::redacted(request.uri()), request_id = %id)
         }))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }

@@ -27,7 +27,12 @@ pub struct ModelView {
     pub classes: Option<Vec<ClassView>>,
     pub preprocessing: &'static str,
     pub file: String,
+    /// sha256 of the file.
     pub sha256: String,
+    /// Pretrained models: sha256 of the tensors, the identity fine-tuned heads record (the same
+    /// for a `.pth` and its safetensors conversion).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensors_sha256: Option<String>,
     pub loaded_at: DateTime<Utc>,
     pub default: bool,
     /// Always `ready`: the model answers.
@@ -87,6 +92,7 @@ impl ModelView {
             preprocessing: c.transform.name(),
             file: c.file.display().to_string(),
             sha256: c.sha256.clone(),
+            tensors_sha256: c.identity.as_ref().map(|id| id.tensors_sha256.clone()),
             loaded_at: c.loaded_at,
             default,
             state: "ready",

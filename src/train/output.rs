@@ -40,7 +40,7 @@ pub fn save(
     trained: &TrainedHead,
     name: &str,
     base_model: &str,
-    base_sha256: &str,
+    base: &crate::weights::WeightsIdentity,
     params: &Params,
     dir: &Path,
 ) -> Result<Saved, TrainError> {
@@ -53,7 +53,8 @@ pub fn save(
         name: name.to_string(),
         arch: trained.arch,
         base_model: base_model.to_string(),
-        base_sha256: base_sha256.to_string(),
+        base_sha256: base.file_sha256.clone(),
+        base_tensors_sha256: Some(base.tensors_sha256.clone()),
         train_layers: trained.train_layers,
         classes: trained.classes.clone(),
         transform: TRANSFORM,

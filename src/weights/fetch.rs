@@ -32,32 +32,106 @@ pub fn hash_prefix(file_name: &str) -> Option<&str> {
     super::pth::split_hash_suffix(file_name.strip_suffix(".pth")?).1
 }
 
-/// Downloads `arch`'s weights from `base_url` into `dir` unless they are already there.
+/// The file `arch`'s official weights are kept in: `<arch>.safetensors`, served as model `<arch>`.
+pub fn target_file(dir: &Path, arch: Arch) -> PathBuf {
+    dir.join(format!("{}.safetensors", arch.name()))
+}
+
+/// Makes `<arch>.safetensors` in `dir` from torchvision's file unless it is there: converts a
+/// torchvision `.pth` already in `dir` (an earlier download), else downloads it from `base_url`
+/// (torchvision's file name after it) or from `url` itself when that ends in `.pth`.
+///
+/// The file's sha256 must start with the prefix in its name, as `torch.hub` checks. The
+/// safetensors file records that sha256 (so heads trained on the `.pth` still find their base)
+/// and appears whole or not at all; the downloaded `.pth` is not kept.
 pub fn fetch_torchvision(
     arch: Arch,
     dir: &Path,
-    base_url: &str,
+    url: &str,
     progress: bool,
 ) -> Result<PathBuf, WeightsError> {
-    let name = torchvision_file(arch);
-    let target = dir.join(name);
+    let target = target_file(dir, arch);
     if target.is_file() {
         return Ok(target);
     }
-    let url = format!("{}/{name}", base_url.trim_end_matches('/'));
-    let expected = hash_prefix(name).expect("torchvision names carry a hash");
-    download(&url, expected, &target, progress)?;
+    let (url, name) = match url.rsplit_once('/') {
+        Some((_, name)) if name.ends_with(".pth") => (url.to_string(), name.to_string()),
+        _ => {
+            let name = torchvision_file(arch);
+            (
+                format!("{}/{name}", url.trim_end_matches('/')),
+                name.to_string(),
+            )
+        }
+    };
+    let expected = hash_prefix(&name).ok_or_else(|| WeightsError::Format {
+        path: PathBuf::from(&name),
+        reason: format!(
+            "{url}: the file name has no sha256 prefix to check the download against \
+             (torchvision names its files <arch>-<first hex digits of the sha256>.pth)"
+        ),
+    })?;
+    let kept = dir.join(&name);
+    let sha256 = if kept.is_file() {
+        let sha256 = super::sha256_file(&kept)?;
+        if !sha256.starts_with(expected) {
+            return Err(WeightsError::Format {
+                path: kept,
+                reason: format!(
+                    "sha256 {sha256} does not start with {expected}: corrupt or wrong file"
+                ),
+            });
+        }
+        tracing::info!(file = %kept.display(), "converting the torchvision file already here");
+        convert(&kept, &target, &name, &sha256)?;
+        sha256
+    } else {
+        // A hidden name the weights dir's scan ignores; removed whatever happens.
+        let part = TempFile(dir.join(format!(".{name}.download-{}", std::process::id())));
+        let sha256 = download(&url, expected, &part.0, progress).map_err(|e| match e {
+            // The temporary file's name means nothing to the user: name the one being made.
+            WeightsError::Format { reason, .. } => WeightsError::Format {
+                path: target.clone(),
+                reason,
+            },
+            e => e,
+        })?;
+        convert(&part.0, &target, &name, &sha256)?;
+        sha256
+    };
+    tracing::info!(file = %target.display(), source_sha256 = %sha256, "weights ready");
     Ok(target)
 }
 
+/// Writes `source`'s tensors to `target` as safetensors, recording where they came from.
+fn convert(source: &Path, target: &Path, name: &str, sha256: &str) -> Result<(), WeightsError> {
+    let metadata = [
+        ("format".to_string(), "pt".to_string()),
+        ("source_file".to_string(), name.to_string()),
+        (super::SOURCE_SHA256.to_string(), sha256.to_string()),
+    ]
+    .into_iter()
+    .collect();
+    super::convert_to_safetensors(source, target, metadata)
+}
+
+/// A file removed when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Streams `url` to `target`, failing (and leaving nothing behind) unless the file's sha256
-/// starts with `sha256_prefix`.
+/// starts with `sha256_prefix`; answers the sha256.
 pub fn download(
     url: &str,
     sha256_prefix: &str,
     target: &Path,
     progress: bool,
-) -> Result<(), WeightsError> {
+) -> Result<String, WeightsError> {
     let failed = |reason: String| WeightsError::Format {
         path: target.to_path_buf(),
         reason,
@@ -99,8 +173,15 @@ pub fn download(
         let mut file = std::io::BufWriter::new(std::fs::File::create(tmp)?);
         let mut hasher = sha2::Sha256::new();
         let mut buf = vec![0u8; 1 << 16];
+        let mut received = 0u64;
         loop {
-            let n = body.read(&mut buf)?;
+            let n = body.read(&mut buf).map_err(|e| {
+                let of = length.map(|l| format!(" of {l}")).unwrap_or_default();
+                std::io::Error::other(format!(
+                    "the connection ended after {received}{of} bytes ({e})"
+                ))
+            })?;
+            received += n as u64;
             if n == 0 {
                 break;
             }
@@ -120,5 +201,5 @@ pub fn download(
     .map_err(|e| failed(format!("download of {url}: {e}")))?;
     bar.finish_and_clear();
     tracing::info!(file = %target.display(), sha256 = %digest, "downloaded");
-    Ok(())
+    Ok(digest)
 }

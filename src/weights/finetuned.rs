@@ -22,6 +22,10 @@ pub struct FineTunedMeta {
     pub base_model: String,
     /// sha256 of the pretrained weights file, so a head is never put on another backbone.
     pub base_sha256: String,
+    /// sha256 of the base's tensors ([`super::tensors_sha256`]): survives a conversion of the
+    /// base to another format. Absent in heads from before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_tensors_sha256: Option<String>,
     pub train_layers: TrainLayers,
     pub classes: Vec<String>,
     pub transform: Transform,
@@ -35,6 +39,16 @@ pub struct FineTunedMeta {
 
 impl FineTunedMeta {
     pub const FORMAT: &'static str = "cnnserve-finetuned/1";
+
+    /// Whether pretrained `arch` weights known as `base` are the ones this head was trained on:
+    /// the same tensors, or (heads that recorded only a file) the same file or the file it was
+    /// converted from.
+    pub fn is_trained_on(&self, arch: Arch, base: &super::WeightsIdentity) -> bool {
+        arch == self.arch
+            && (self.base_tensors_sha256.as_deref() == Some(base.tensors_sha256.as_str())
+                || self.base_sha256 == base.file_sha256
+                || base.source_sha256.as_deref() == Some(self.base_sha256.as_str()))
+    }
 
     pub fn read(path: &Path) -> Result<Self, WeightsError> {
         let bytes = std::fs::read(path).map_err(|source| WeightsError::Io {

@@ -279,6 +279,175 @@ pub fn load_network_as(
     build_network(arch, &cfg, tensors, device, dtype)
 }
 
+/// [`load_network_as`] that also answers the weights' [`tensors_sha256`], computed beside the
+/// build.
+pub fn load_network_identified(
+    arch: Arch,
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<(Network, String), WeightsError> {
+    let tensors = to_f32(read_tensors(path, device)?)?;
+    let cfg = arch.config(num_classes(arch, &tensors)?);
+    let expected = expected_tensors(&cfg, device)?;
+    check_tensors(arch, &expected, &tensors)?;
+    std::thread::scope(|s| {
+        let digest = s.spawn(|| tensors_sha256(&expected, &tensors));
+        // Tensors are shared handles: the map's clone copies no weights.
+        let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);
+        let network = Network::new(&cfg, vb);
+        let digest = digest
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        Ok((network?, digest?))
+    })
+}
+
+/// What identifies a set of weights whatever file holds them: sha256 over the tensors a model
+/// reads, sorted by name, each as its name, its shape and its f32 values (little-endian). A
+/// `.pth` and the safetensors converted from it have the same one; tensors the model ignores
+/// (batch-norm counters, GoogLeNet's auxiliary heads) do not count.
+pub fn tensors_sha256(
+    expected: &[(String, Vec<usize>)],
+    tensors: &HashMap<String, Tensor>,
+) -> Result<String, WeightsError> {
+    use sha2::Digest;
+    let mut names: Vec<&(String, Vec<usize>)> = expected.iter().collect();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    names.dedup_by(|a, b| a.0 == b.0);
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = Vec::with_capacity(1 << 16);
+    for (name, shape) in names {
+        let tensor = tensors.get(name).ok_or_else(|| WeightsError::Missing {
+            name: name.clone(),
+            expected: shape.clone(),
+        })?;
+        hasher.update((name.len() as u64).to_le_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update((shape.len() as u64).to_le_bytes());
+        for &d in shape {
+            hasher.update((d as u64).to_le_bytes());
+        }
+        let flat = tensor.to_dtype(DType::F32)?.flatten_all()?;
+        let mut hash_values = |values: &[f32]| {
+            for chunk in values.chunks(1 << 14) {
+                buf.clear();
+                for v in chunk {
+                    buf.extend_from_slice(&v.to_le_bytes());
+                }
+                hasher.update(&buf);
+            }
+        };
+        if flat.device().is_cpu() {
+            let (storage, layout) = flat.storage_and_layout();
+            if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+                (&*storage, layout.contiguous_offsets())
+            {
+                hash_values(&cpu.as_slice::<f32>()?[start..end]);
+                continue;
+            }
+        }
+        hash_values(&flat.to_vec1::<f32>()?);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// What pretrained weights are known by when a fine-tuned head looks for the base it was
+/// trained on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightsIdentity {
+    /// sha256 of the file.
+    pub file_sha256: String,
+    /// [`tensors_sha256`]: the same for a `.pth` and the safetensors converted from it.
+    pub tensors_sha256: String,
+    /// For a converted file: the sha256 of the file it was converted from, so heads recorded
+    /// against that file (before heads recorded tensors) still find it.
+    pub source_sha256: Option<String>,
+}
+
+impl WeightsIdentity {
+    /// The identity of `file`, whose sha256 and tensors' sha256 are known.
+    pub fn new(file: &Path, file_sha256: String, tensors_sha256: String) -> Self {
+        Self {
+            file_sha256,
+            tensors_sha256,
+            source_sha256: source_sha256(file),
+        }
+    }
+}
+
+/// Loads `arch` from `path` on `device` in f32 with its identity (what a head trained on it
+/// records).
+pub fn load_network_with_identity(
+    arch: Arch,
+    path: &Path,
+    device: &Device,
+) -> Result<(Network, WeightsIdentity), WeightsError> {
+    let (network, tensors) = load_network_identified(arch, path, device, DType::F32)?;
+    let identity = WeightsIdentity::new(path, sha256_file(path)?, tensors);
+    Ok((network, identity))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String, WeightsError> {
+    use sha2::Digest;
+    let io = |source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = sha2::Sha256::new();
+    // Hash through a map of the file: no copy of hundreds of MB through a read buffer.
+    // SAFETY: read-only, dropped at return; a file truncated underneath could fault.
+    match unsafe { memmap2::Mmap::map(&file) } {
+        Ok(map) => hasher.update(&map[..]),
+        Err(_) => {
+            std::io::copy(&mut file, &mut hasher).map_err(io)?;
+        }
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// The metadata key under which a converted file records the sha256 of the file it came from.
+pub const SOURCE_SHA256: &str = "source_sha256";
+
+/// For a safetensors file converted from another (`cnnserve fetch-weights`), the sha256 of that
+/// file; None for anything else.
+pub fn source_sha256(path: &Path) -> Option<String> {
+    if sniff(path).ok()? != FileFormat::Safetensors {
+        return None;
+    }
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: read-only and dropped before we return; only the header is read.
+    let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&map).ok()?;
+    metadata.metadata().as_ref()?.get(SOURCE_SHA256).cloned()
+}
+
+/// Writes every tensor of `source` (any supported format, dtypes kept) to `target` as
+/// safetensors, atomically, recording `metadata` in its header.
+pub fn convert_to_safetensors(
+    source: &Path,
+    target: &Path,
+    metadata: HashMap<String, String>,
+) -> Result<(), WeightsError> {
+    let tensors = read_tensors(source, &Device::Cpu)?
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.contiguous()?)))
+        .collect::<Result<Vec<(String, Tensor)>, WeightsError>>()?;
+    crate::atomic::write_with(target, |tmp| {
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(metadata),
+            tmp,
+        )
+        .map_err(std::io::Error::other)
+    })
+    .map_err(|source| WeightsError::Io {
+        path: target.to_path_buf(),
+        source,
+    })
+}
+
 /// Writes named tensors as safetensors, atomically.
 pub fn save_safetensors(
     tensors: &HashMap<String, Tensor>,
