@@ -1,6 +1,8 @@
 //! The ImageFolder loader against hand-made folders and zips, hostile archives, and the real
 //! cat/dog data set.
 
+mod common;
+
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -661,20 +663,11 @@ fn folder_symlinks_are_not_followed() {
     assert_eq!(data.ignored, 1);
 }
 
-/// `$CNNSERVE_DATA`, else `../shared/data` beside the checkout.
+/// `$CNNSERVE_DATA/catanddog`, else `../shared/data/catanddog` beside the checkout: the course's
+/// cat/dog set, or the stand-in `scripts/make-fixtures.py --data` makes with the same names and
+/// counts (the message of a missing one says how to get either).
 fn catanddog() -> PathBuf {
-    let dir = match std::env::var_os("CNNSERVE_DATA") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"),
-    };
-    let dir = dir.join("catanddog");
-    assert!(
-        dir.join("train").is_dir(),
-        "the cat/dog data set was not found in {}: put the shared data there or set \
-         CNNSERVE_DATA to the folder holding catanddog/",
-        dir.display()
-    );
-    dir
+    common::data_dir().join("catanddog")
 }
 
 fn check_catanddog(data: &Dataset, prefix: &str) {
@@ -686,7 +679,7 @@ fn check_catanddog(data: &Dataset, prefix: &str) {
     for s in data.train.iter().chain(&data.test) {
         assert_eq!(s.image.dimensions(), (256, 256), "{}", s.file);
     }
-    // The five BMP files named .jpg are in.
+    // The five BMP files named .jpg are in (the generated stand-in has them under the same names).
     for bmp in [
         "train/Cat/23.jpg",
         "train/Cat/7642.jpg",

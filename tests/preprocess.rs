@@ -12,7 +12,8 @@ fn fixtures() -> PathBuf {
     assert!(
         dir.join("expected.safetensors").is_file(),
         "preprocess fixtures not found in {}: set CNNSERVE_FIXTURES to the fixtures directory \
-         (the one containing preprocess/expected.safetensors)",
+         (the one containing preprocess/expected.safetensors); without our shared folder, make \
+         them with `python3 scripts/make-fixtures.py DIR` (PyTorch, torchvision)",
         dir.display()
     );
     dir

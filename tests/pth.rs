@@ -17,7 +17,8 @@ fn fixtures() -> PathBuf {
     assert!(
         dir.join("googlenet").is_dir(),
         "reference fixtures not found: looked for {}/googlenet. Set CNNSERVE_FIXTURES to the \
-         folder that holds googlenet/ (the shared fixtures made with PyTorch)",
+         folder that holds googlenet/ (the shared fixtures made with PyTorch); without our shared \
+         folder, make them with `python3 scripts/make-fixtures.py DIR` (PyTorch, torchvision)",
         dir.display()
     );
     dir

@@ -15,12 +15,24 @@ pub fn fixtures() -> PathBuf {
     };
     assert!(
         dir.join("googlenet/weights.safetensors").is_file(),
-        "PyTorch fixtures not found in {}: put the shared fixtures there or set CNNSERVE_FIXTURES \
-         to their folder (it holds vgg11_bn/, googlenet/ and preprocess/)",
+        "PyTorch fixtures not found in {}: set CNNSERVE_FIXTURES to their folder (it holds \
+         vgg11_bn/, googlenet/ and preprocess/). {MAKE_FIXTURES}",
         dir.display()
     );
     dir
 }
+
+/// How to make the fixtures and the data set elsewhere, for the messages of missing ones.
+pub const MAKE_FIXTURES: &str = "Without our shared folder, make them with PyTorch: \
+     `python3 scripts/make-fixtures.py DIR --data DATA_DIR` (pip install torch torchvision \
+     safetensors pillow numpy scikit-image; about a minute), then set CNNSERVE_FIXTURES=DIR \
+     CNNSERVE_DATA=DATA_DIR";
+
+/// Where the real cat/dog set comes from, for the messages of a missing one.
+pub const GET_CATANDDOG: &str = "The real set is the course's, chap06/data/catanddog in \
+     https://github.com/gilbutITbook/080289: clone that repository and set CNNSERVE_DATA to its \
+     chap06/data. Or make a stand-in with the same names and counts: \
+     `python3 scripts/make-fixtures.py FIXTURES_DIR --data DATA_DIR`";
 
 /// `$CNNSERVE_DATA`, else `../shared/data` beside the checkout: the folder holding `catanddog/`.
 pub fn data_dir() -> PathBuf {
@@ -30,23 +42,29 @@ pub fn data_dir() -> PathBuf {
     };
     assert!(
         dir.join("catanddog/train").is_dir(),
-        "the cat/dog data set is not in {}: set CNNSERVE_DATA to the folder holding catanddog/",
+        "the cat/dog data set is not in {}: set CNNSERVE_DATA to the folder holding catanddog/. \
+         {GET_CATANDDOG}",
         dir.display()
     );
     dir
 }
 
 /// vgg11_bn's weights ship gzipped (531 MB unpacked); unpack once into the target dir, where the
-/// next build finds them, and check the digest the fixtures' README gives.
+/// next build finds them, and check their digest: the one in `vgg11_bn/weights.safetensors.sha256`
+/// where the fixtures have that file (`scripts/make-fixtures.py` writes it), else the one the shared
+/// fixtures' README gives. The unpacked file is named after that digest, so fixtures from elsewhere
+/// (another `CNNSERVE_FIXTURES`) never reuse another set's weights.
 pub fn vgg11_bn_weights() -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let fixtures = fixtures();
+    let expected = vgg11_bn_digest(&fixtures);
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
-    let out = out_dir.join("vgg11_bn.safetensors");
+    let out = out_dir.join(format!("vgg11_bn-{}.safetensors", &expected[..16]));
     if out.is_file() {
         return out;
     }
-    let gz = fixtures().join("vgg11_bn/weights.safetensors.gz");
+    let gz = fixtures.join("vgg11_bn/weights.safetensors.gz");
     std::fs::create_dir_all(&out_dir).unwrap();
     let tmp = out_dir.join(format!("vgg11_bn.safetensors.tmp-{}", std::process::id()));
     {
@@ -67,14 +85,39 @@ pub fn vgg11_bn_weights() -> PathBuf {
         }
         std::io::Write::flush(&mut writer).unwrap();
         let digest = format!("{:x}", hasher.finalize());
-        assert!(
-            digest.starts_with("fad28f07ab23d268"),
-            "unpacked {} has sha256 {digest}, the fixtures README says fad28f07ab23d268…",
-            gz.display()
-        );
+        if !digest.starts_with(&expected) {
+            let _ = std::fs::remove_file(&tmp);
+            panic!(
+                "unpacked {} has sha256 {digest}, expected one starting {expected}",
+                gz.display()
+            );
+        }
     }
     std::fs::rename(&tmp, &out).unwrap();
     out
+}
+
+/// The digest (or its first 16 hex digits) that vgg11_bn's unpacked weights must have.
+fn vgg11_bn_digest(fixtures: &Path) -> String {
+    let file = fixtures.join("vgg11_bn/weights.safetensors.sha256");
+    match std::fs::read_to_string(&file) {
+        Ok(text) => {
+            let digest = text
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            assert!(
+                digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{} holds no sha256: {text:?}",
+                file.display()
+            );
+            digest
+        }
+        // The shared fixtures' README: "sha256 starts fad28f07ab23d268".
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "fad28f07ab23d268".to_string(),
+        Err(e) => panic!("{}: {e}", file.display()),
+    }
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
