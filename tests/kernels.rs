@@ -132,7 +132,11 @@ fn every_convolution_path_equals_candles_on_random_shapes_for_each_instruction_s
         });
     }
     let isas = isas();
-    let mut checked = 0;
+    let bf16 = cnnserve::models::cpu::bf16::available();
+    if !bf16 {
+        eprintln!("NOTE: this CPU has no AVX512_BF16: the bf16 products are not exercised on this machine");
+    }
+    let (mut checked, mut checked_bf16) = (0, 0);
     for case in &cases {
         let k = case.kernel;
         let x = random(&mut rng, case.n * case.c_in * case.h * case.w);
@@ -184,11 +188,60 @@ fn every_convolution_path_equals_candles_on_random_shapes_for_each_instruction_s
                 );
                 checked += 1;
             }
+            // bf16 convolutions are never F(4,3): its transforms magnify bf16's rounding (7% here).
+            if bf16 && kind != ConvKind::WinogradF43 {
+                check_bf16(&conv, kind, case, (&x, &weight, &bias), relu, scale);
+                checked_bf16 += 1;
+            }
         }
     }
     eprintln!(
-        "checked {checked} convolutions on {:?}",
+        "checked {checked} convolutions on {:?}, {checked_bf16} in bf16",
         isas.iter().map(|i| i.name()).collect::<Vec<_>>()
+    );
+}
+
+fn round_bf16(v: &[f32]) -> Vec<f32> {
+    use cnnserve::models::cpu::bf16::{from_bf16, to_bf16};
+    v.iter().map(|&x| from_bf16(to_bf16(x))).collect()
+}
+
+/// `--dtype bf16`'s products (AVX512_BF16). Direct paths: products of bf16 values are exact in
+/// f32, so the result is candle's f32 convolution of the bf16-rounded input and weights, up to
+/// summation order. Winograd F(2,3) rounds its transformed tiles and kernels too: within 2% of
+/// the scale.
+fn check_bf16(
+    conv: &CpuConv,
+    kind: ConvKind,
+    case: &Case,
+    (x, weight, bias): (&[f32], &[f32], &[f32]),
+    relu: bool,
+    scale: f32,
+) {
+    let half = conv.to_bf16();
+    assert!(half.is_bf16() && !conv.is_bf16());
+    let got = run_into_slice(&half, Isa::best(), case, x, relu);
+    let (expected, tolerance) = match kind {
+        ConvKind::WinogradF43 | ConvKind::WinogradF23 => {
+            (reference(case, x, weight, bias, relu), 2e-2 * scale)
+        }
+        _ => (
+            reference(case, &round_bf16(x), &round_bf16(weight), bias, relu),
+            1e-5 * scale,
+        ),
+    };
+    let diff = max_abs(&(&got - &expected).unwrap());
+    assert!(
+        diff <= tolerance,
+        "bf16 {kind:?}: n={} c_in={} c_out={} k={} s={} p={} {}x{}: max diff {diff} > {tolerance}",
+        case.n,
+        case.c_in,
+        case.c_out,
+        case.kernel,
+        case.stride,
+        case.padding,
+        case.h,
+        case.w,
     );
 }
 

@@ -12,7 +12,11 @@ use sha2::Digest;
 
 fn cnnserve() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_cnnserve"));
-    command.env("RUST_LOG", "info").env_remove("RUST_BACKTRACE");
+    // gRPC on a free port too: tests run side by side, and the default port is fixed.
+    command
+        .env("RUST_LOG", "info")
+        .env("CNNSERVE_GRPC_ADDR", "127.0.0.1:0")
+        .env_remove("RUST_BACKTRACE");
     command
 }
 
@@ -334,6 +338,28 @@ fn a_dtype_the_device_cannot_run_stops_the_start_with_a_sentence() {
     let out = cnnserve()
         .args([
             "--dtype",
+            "f16",
+            "--offline",
+            "--addr",
+            "127.0.0.1:0",
+            "--weights-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--dtype f16 is not available on the CPU")
+            && stderr.contains("--dtype f32"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("stack backtrace"), "{stderr}");
+    // bf16 needs AVX512_BF16: refused wherever the instruction set is capped below AVX-512.
+    let out = cnnserve()
+        .env("CNNSERVE_CPU_ISA", "avx2")
+        .args([
+            "--dtype",
             "bf16",
             "--offline",
             "--addr",
@@ -346,11 +372,9 @@ fn a_dtype_the_device_cannot_run_stops_the_start_with_a_sentence() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("--dtype bf16 is not available on the CPU")
-            && stderr.contains("--dtype f32"),
+        stderr.contains("--dtype bf16 on the CPU needs AVX-512 with the BF16 extension"),
         "{stderr}"
     );
-    assert!(!stderr.contains("stack backtrace"), "{stderr}");
     let bad = cnnserve().args(["--dtype", "f64"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(

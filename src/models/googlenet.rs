@@ -151,7 +151,7 @@ struct CpuInception {
 }
 
 impl CpuInception {
-    fn new(block: &Inception) -> Result<Self> {
+    fn new(block: &Inception, bf16: bool) -> Result<Self> {
         let parts = [&block.branch1, &block.branch2[0], &block.branch3[0]];
         let weight = Tensor::cat(&parts.map(|b| b.0.conv().weight().clone()), 0)?;
         let bias = parts
@@ -162,10 +162,14 @@ impl CpuInception {
         let reduce = Conv2d::new(weight, Some(Tensor::cat(&bias, 0)?), Default::default());
         let reduced = parts.map(|b| b.0.conv().weight().dim(0).unwrap_or(0));
         Ok(Self {
-            reduce: layers::cpu_conv(&reduce, Some(ConvKind::Pointwise))?,
-            branch2: layers::cpu_conv(block.branch2[1].0.conv(), None)?,
-            branch3: layers::cpu_conv(block.branch3[1].0.conv(), None)?,
-            branch4: layers::cpu_conv(block.branch4_proj.0.conv(), Some(ConvKind::Pointwise))?,
+            reduce: layers::cpu_conv(&reduce, Some(ConvKind::Pointwise), bf16)?,
+            branch2: layers::cpu_conv(block.branch2[1].0.conv(), None, bf16)?,
+            branch3: layers::cpu_conv(block.branch3[1].0.conv(), None, bf16)?,
+            branch4: layers::cpu_conv(
+                block.branch4_proj.0.conv(),
+                Some(ConvKind::Pointwise),
+                bf16,
+            )?,
             pool: block.branch4_pool,
             reduced,
         })
@@ -252,15 +256,15 @@ struct CpuBody {
 }
 
 impl CpuBody {
-    fn new(body: &CandleBody) -> Result<Self> {
+    fn new(body: &CandleBody, bf16: bool) -> Result<Self> {
         Ok(Self {
-            conv1: layers::cpu_conv(body.conv1.0.conv(), None)?,
-            conv2: layers::cpu_conv(body.conv2.0.conv(), None)?,
-            conv3: layers::cpu_conv(body.conv3.0.conv(), None)?,
+            conv1: layers::cpu_conv(body.conv1.0.conv(), None, bf16)?,
+            conv2: layers::cpu_conv(body.conv2.0.conv(), None, bf16)?,
+            conv3: layers::cpu_conv(body.conv3.0.conv(), None, bf16)?,
             inceptions: body
                 .inceptions()
                 .par_iter()
-                .map(|b| CpuInception::new(b))
+                .map(|b| CpuInception::new(b, bf16))
                 .collect::<Result<_>>()?,
         })
     }
@@ -331,6 +335,7 @@ impl CandleBody {
 
 impl GoogLeNet {
     pub fn new(cfg: &GoogLeNetConfig, vb: VarBuilder) -> Result<Self> {
+        let (bf16, vb) = layers::cpu_bf16(vb)?;
         let transform_input = cfg.transform_input.then(|| {
             // torchvision computes these constants in Python floats, then applies them in f32.
             let mean = [0.485f64, 0.456, 0.406];
@@ -355,7 +360,7 @@ impl GoogLeNet {
             inception5b: Inception::new(832, 384, 192, 384, 48, 128, 128, vb.pp("inception5b"))?,
         };
         let body = if layers::uses_cpu_kernels(&vb) {
-            Body::Cpu(Box::new(CpuBody::new(&body)?))
+            Body::Cpu(Box::new(CpuBody::new(&body, bf16)?))
         } else {
             Body::Candle(Box::new(body))
         };
@@ -402,6 +407,14 @@ impl GoogLeNet {
     /// `dropout` + `fc` on the embedding.
     pub fn head_forward(&self, features: &Tensor, train: bool) -> Result<Tensor> {
         self.fc.forward(&layers::dropout(features, DROPOUT, train)?)
+    }
+
+    /// Whether the CPU kernels run its convolutions in bf16.
+    pub fn cpu_bf16(&self) -> bool {
+        match &self.body {
+            Body::Cpu(body) => body.conv1.is_bf16(),
+            Body::Candle(_) => false,
+        }
     }
 
     /// The last layer, `fc`.

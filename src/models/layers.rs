@@ -80,14 +80,27 @@ impl Module for ConvBn {
 }
 
 /// Whether a network built from `vb` runs its convolutions through the CPU kernels of
-/// [`super::cpu`] (f32 on the CPU) rather than candle's (every other device and dtype).
+/// [`super::cpu`] (f32 and bf16 on the CPU) rather than candle's (every other device and dtype).
 pub fn uses_cpu_kernels(vb: &VarBuilder) -> bool {
-    vb.device().is_cpu() && vb.dtype() == DType::F32
+    vb.device().is_cpu() && matches!(vb.dtype(), DType::F32 | DType::BF16)
+}
+
+/// For a network the CPU kernels run in bf16 (`--dtype bf16` on the CPU): whether it is one, and
+/// the builder it is built from, in f32. Its batch norms fold and its kernels transform in f32;
+/// only the packed weights are then rounded to bf16, once. The fully connected layers stay f32.
+pub fn cpu_bf16(vb: VarBuilder) -> Result<(bool, VarBuilder)> {
+    if !(vb.device().is_cpu() && vb.dtype() == DType::BF16) {
+        return Ok((false, vb));
+    }
+    if !super::cpu::bf16::available() {
+        candle_core::bail!("bf16 on the CPU needs AVX512_BF16, which this CPU lacks");
+    }
+    Ok((true, vb.set_dtype(DType::F32)))
 }
 
 /// A candle convolution (square kernel, bias, no groups or dilation) packed for the CPU kernels;
-/// `kind` as [`CpuConv::new`] takes it.
-pub fn cpu_conv(conv: &Conv2d, kind: Option<ConvKind>) -> Result<CpuConv> {
+/// `kind` as [`CpuConv::new`] takes it; its products in bf16 when `bf16`.
+pub fn cpu_conv(conv: &Conv2d, kind: Option<ConvKind>, bf16: bool) -> Result<CpuConv> {
     let cfg = conv.config();
     let (c_out, c_in, kh, kw) = conv.weight().dims4()?;
     if kh != kw || cfg.groups != 1 || cfg.dilation != 1 {
@@ -102,7 +115,13 @@ pub fn cpu_conv(conv: &Conv2d, kind: Option<ConvKind>) -> Result<CpuConv> {
         Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
         None => vec![0.0; c_out],
     };
-    Ok(CpuConv::new(
+    // F(4,3)'s transforms magnify rounding errors more than F(2,3)'s: bf16 takes the smaller tiles.
+    let winograd = kh == 3 && cfg.stride == 1 && cfg.padding == 1 && c_in >= 16;
+    let kind = match kind {
+        None | Some(ConvKind::WinogradF43) if bf16 && winograd => Some(ConvKind::WinogradF23),
+        kind => kind,
+    };
+    let packed = CpuConv::new(
         &weight,
         &bias,
         c_out,
@@ -111,7 +130,8 @@ pub fn cpu_conv(conv: &Conv2d, kind: Option<ConvKind>) -> Result<CpuConv> {
         cfg.stride,
         cfg.padding,
         kind,
-    ))
+    );
+    Ok(if bf16 { packed.to_bf16() } else { packed })
 }
 
 /// A plain `Conv2d` with bias, read under torchvision's names.

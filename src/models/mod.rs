@@ -170,13 +170,24 @@ impl Precision {
     }
 
     /// Whether this build can run `self` on `device`; the error is a sentence for the user.
-    /// CUDA runs all four; the CPU runs f32 (its bf16 kernels, for AVX512_BF16, are not written).
+    /// CUDA runs all four; the CPU runs f32, and bf16 where it has AVX512_BF16.
     pub fn check(self, device: &candle_core::Device) -> std::result::Result<(), String> {
         match (self, device.is_cpu()) {
             (Precision::F32, _) | (_, false) => Ok(()),
+            (Precision::Bf16, true)
+                if cpu::bf16::available() && cpu::Isa::best() == cpu::Isa::Avx512 =>
+            {
+                Ok(())
+            }
+            (Precision::Bf16, true) => Err(
+                "--dtype bf16 on the CPU needs AVX-512 with the BF16 extension (AVX512_BF16: \
+                 Intel Cooper Lake / Sapphire Rapids or later, AMD Zen 4 or later), which this \
+                 CPU lacks or CNNSERVE_CPU_ISA turned off; use --dtype f32"
+                    .to_string(),
+            ),
             (other, true) => Err(format!(
-                "--dtype {} is not available on the CPU in this build: the CPU kernels run f32 \
-                 (exact); use --dtype f32, or a CUDA device",
+                "--dtype {} is not available on the CPU: the CPU kernels run f32 (exact) and \
+                 bf16 (with AVX512_BF16); use --dtype f32, or a CUDA device",
                 other.name()
             )),
         }
@@ -276,6 +287,19 @@ impl Network {
 
     /// The dtype the weights are held and the forward pass runs in (`--dtype`).
     pub fn dtype(&self) -> DType {
+        let cpu_bf16 = match self {
+            Network::Vgg(m) => m.cpu_bf16(),
+            Network::GoogLeNet(m) => m.cpu_bf16(),
+        };
+        if cpu_bf16 {
+            DType::BF16
+        } else {
+            self.layer_dtype()
+        }
+    }
+
+    /// What candle's layers hold (f32 under the CPU kernels, whatever they run in).
+    fn layer_dtype(&self) -> DType {
         match self {
             Network::Vgg(m) => m.head().weight().dtype(),
             Network::GoogLeNet(m) => m.head().weight().dtype(),
@@ -283,7 +307,7 @@ impl Network {
     }
 
     fn input(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.to_dtype(self.dtype())
+        xs.to_dtype(self.layer_dtype())
     }
 
     pub fn num_classes(&self) -> usize {

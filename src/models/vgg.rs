@@ -116,6 +116,7 @@ pub const MIN_INPUT_SIDE: usize = 32;
 
 impl Vgg {
     pub fn new(cfg: &VggConfig, vb: VarBuilder) -> Result<Self> {
+        let (bf16, vb) = layers::cpu_bf16(vb)?;
         let features_vb = vb.pp("features");
         let conv_cfg = Conv2dConfig {
             padding: 1,
@@ -177,7 +178,7 @@ impl Vgg {
             let packed = features.par_iter().enumerate().map(|(i, f)| match f {
                 Feature::Conv(conv) => {
                     let kind = (i > last_stage).then_some(ConvKind::WinogradF23);
-                    Ok(Feature::Conv(layers::cpu_conv(conv, kind)?))
+                    Ok(Feature::Conv(layers::cpu_conv(conv, kind, bf16)?))
                 }
                 Feature::Pool => Ok(Feature::Pool),
             });
@@ -250,6 +251,17 @@ impl Vgg {
     pub fn head_forward(&self, features: &Tensor, train: bool) -> Result<Tensor> {
         self.classifier_6
             .forward(&layers::dropout(features, DROPOUT, train)?)
+    }
+
+    /// Whether the CPU kernels run its convolutions in bf16.
+    pub fn cpu_bf16(&self) -> bool {
+        match &self.features {
+            Features::Cpu(features) => features.iter().any(|f| match f {
+                Feature::Conv(conv) => conv.is_bf16(),
+                Feature::Pool => false,
+            }),
+            Features::Candle(_) => false,
+        }
     }
 
     /// The last layer, `classifier.6`.

@@ -24,7 +24,10 @@ pub const KC: usize = 256;
 pub struct PackedB {
     k: usize,
     n: usize,
+    /// f32 panels; empty once [`PackedB::to_bf16`] made `pairs`.
     data: Vec<f32>,
+    /// bf16 panels in pairs of rows ([`super::bf16`]); empty for f32.
+    pairs: Vec<u32>,
 }
 
 impl PackedB {
@@ -61,7 +64,47 @@ impl PackedB {
                     }
                 });
         }
-        Self { k, n, data }
+        Self {
+            k,
+            n,
+            data,
+            pairs: Vec::new(),
+        }
+    }
+
+    /// The same `B` rounded to bfloat16 for [`super::bf16`]'s products (half the memory).
+    pub fn to_bf16(&self) -> Self {
+        use super::bf16::to_bf16;
+        if self.is_bf16() {
+            return self.clone();
+        }
+        let half = self.k.div_ceil(2);
+        let mut pairs = vec![0u32; self.panels() * half * NR];
+        for p in 0..self.panels() {
+            let panel = &self.data[p * self.k * NR..][..self.k * NR];
+            for q in 0..half {
+                for j in 0..NR {
+                    let lo = to_bf16(panel[2 * q * NR + j]) as u32;
+                    let hi = if 2 * q + 1 < self.k {
+                        to_bf16(panel[(2 * q + 1) * NR + j]) as u32
+                    } else {
+                        0
+                    };
+                    pairs[(p * half + q) * NR + j] = lo | (hi << 16);
+                }
+            }
+        }
+        Self {
+            k: self.k,
+            n: self.n,
+            data: Vec::new(),
+            pairs,
+        }
+    }
+
+    /// Whether the products run in bf16.
+    pub fn is_bf16(&self) -> bool {
+        !self.pairs.is_empty()
     }
 
     pub fn k(&self) -> usize {
@@ -119,6 +162,9 @@ pub unsafe fn gemm<S: Simd, const MR: usize, const NV: usize>(
     let k = b.k;
     if k == 0 {
         return;
+    }
+    if b.is_bf16() {
+        return super::bf16::gemm(rows, a, lda, k, b.n, &b.pairs, panels, c, ldc, ep);
     }
     let mut k0 = 0;
     while k0 < k {

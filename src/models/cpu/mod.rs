@@ -16,6 +16,7 @@
 //! one parallel region per layer, and every output element is summed in one fixed order, so the
 //! results do not depend on the thread count.
 
+pub mod bf16;
 pub mod conv;
 pub mod gemm;
 pub mod pool;

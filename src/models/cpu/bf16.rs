@@ -1,0 +1,246 @@
+//! `--dtype bf16` on the CPU: the same products as [`super::gemm`] with `B` held in bfloat16 and
+//! `A` rounded to bfloat16 per `K` slice, multiplied by AVX512_BF16's `vdpbf16ps` (two products
+//! per lane, summed into f32 accumulators), as oneDNN and MLAS do on these CPUs.
+//!
+//! `B`'s panels hold pairs: for panel column `j` and pair row `q`, one 32-bit word with
+//! `B[2q][j]` in its low half and `B[2q+1][j]` in its high half, so one 512-bit load is 16
+//! columns × 2 rows, and one broadcast of `A`'s pair `(A[r][2q], A[r][2q+1])` multiplies it. An
+//! odd `K` is padded with a zero row. Rounding is to nearest, ties to even, both for the weights
+//! (once, at load) and the activations. Bias, ReLU and the accumulate are applied in f32, as
+//! for f32. Like the f32 products, every element is summed in one fixed order.
+
+use super::gemm::{Epilogue, KC, NR};
+
+/// Whether this CPU runs the bf16 products (AVX-512 with the BF16 extension).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// f32 → bfloat16 bits, rounded to nearest with ties to even (NaN stays a quiet NaN).
+pub fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    let round = 0x7fff + ((bits >> 16) & 1);
+    (bits.wrapping_add(round) >> 16) as u16
+}
+
+/// bfloat16 bits → f32 (exact).
+pub fn from_bf16(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 16)
+}
+
+/// Rows of `A` per microkernel call: 14 accumulators and a `B` register of the 32.
+const MR: usize = 14;
+
+/// `C = A · B` for `B` packed as bf16 pairs; see [`super::gemm::gemm`] for the arguments.
+///
+/// # Safety
+/// As for [`super::gemm::gemm`]; the CPU must have what [`available`] checks.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm(
+    rows: usize,
+    a: *const f32,
+    lda: usize,
+    k: usize,
+    n: usize,
+    pairs: &[u32],
+    panels: std::ops::Range<usize>,
+    c: *mut f32,
+    ldc: usize,
+    ep: Epilogue,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        debug_assert!(available());
+        avx512::gemm(rows, a, lda, k, n, pairs, panels, c, ldc, ep)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (rows, a, lda, k, n, pairs, panels, c, ldc, ep);
+        unreachable!("bf16 products need AVX512_BF16");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::cell::RefCell;
+
+    use super::{Epilogue, KC, MR, NR};
+
+    thread_local! {
+        /// `A`'s rows of one `K` slice in bf16, reused from call to call.
+        static ROWS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm(
+        rows: usize,
+        a: *const f32,
+        lda: usize,
+        k: usize,
+        n: usize,
+        pairs: &[u32],
+        panels: std::ops::Range<usize>,
+        c: *mut f32,
+        ldc: usize,
+        ep: Epilogue,
+    ) {
+        if k == 0 || rows == 0 {
+            return;
+        }
+        let half = k.div_ceil(2);
+        ROWS.with_borrow_mut(|buf| {
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                // Pairs of this slice, rounded up: KC is even, so slices start on a pair.
+                let kp = kc.div_ceil(2);
+                buf.clear();
+                buf.resize(rows * kp, 0);
+                let halves = buf.as_mut_ptr() as *mut u16;
+                for r in 0..rows {
+                    convert_row(a.add(r * lda + k0), kc, halves.add(r * kp * 2));
+                }
+                let (first, last) = (k0 == 0, k0 + kc == k);
+                let step = Epilogue {
+                    bias: if last { ep.bias } else { std::ptr::null() },
+                    relu: last && ep.relu,
+                    accumulate: !first || ep.accumulate,
+                };
+                for (i, p) in panels.clone().enumerate() {
+                    let bp = pairs.as_ptr().add((p * half + k0 / 2) * NR);
+                    let cols = NR.min(n - p * NR);
+                    let bias = if step.bias.is_null() {
+                        step.bias
+                    } else {
+                        step.bias.add(p * NR)
+                    };
+                    let mut r0 = 0;
+                    while r0 < rows {
+                        let mr = MR.min(rows - r0);
+                        microkernel(
+                            kp,
+                            buf.as_ptr().add(r0 * kp),
+                            kp,
+                            mr,
+                            bp,
+                            c.add(r0 * ldc + i * NR),
+                            ldc,
+                            cols,
+                            Epilogue { bias, ..step },
+                        );
+                        r0 += MR;
+                    }
+                }
+                k0 += kc;
+            }
+        });
+    }
+
+    /// `len` floats at `src` → bf16 at `dst` (an odd tail is followed by the zero already there).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn convert_row(src: *const f32, len: usize, dst: *mut u16) {
+        let mut i = 0;
+        while i + 16 <= len {
+            let v = _mm512_loadu_ps(src.add(i));
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_storeu_si256(dst.add(i) as *mut __m256i, h);
+            i += 16;
+        }
+        while i < len {
+            *dst.add(i) = super::to_bf16(*src.add(i));
+            i += 1;
+        }
+    }
+
+    /// One `mr × cols` block of `C` over `kp` pairs of `K`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn microkernel(
+        kp: usize,
+        a: *const u32,
+        lda: usize,
+        mr: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        ep: Epilogue,
+    ) {
+        let mut rows = [a; MR];
+        for (i, row) in rows.iter_mut().enumerate() {
+            // Rows past `mr` repeat the last real one; their results are not stored.
+            *row = a.add(i.min(mr - 1) * lda);
+        }
+        let mut acc = [_mm512_setzero_ps(); MR];
+        for q in 0..kp {
+            let bv: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR) as *const _));
+            for i in 0..MR {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*rows[i].add(q) as i32));
+                acc[i] = _mm512_dpbf16_ps(acc[i], av, bv);
+            }
+        }
+        let mut tmp = [0f32; NR];
+        for (i, &x) in acc.iter().enumerate().take(mr) {
+            let dst = c.add(i * ldc);
+            if cols == NR {
+                let mut x = x;
+                if ep.accumulate {
+                    x = _mm512_add_ps(x, _mm512_loadu_ps(dst));
+                }
+                if !ep.bias.is_null() {
+                    x = _mm512_add_ps(x, _mm512_loadu_ps(ep.bias));
+                }
+                if ep.relu {
+                    x = _mm512_max_ps(x, _mm512_setzero_ps());
+                }
+                _mm512_storeu_ps(dst, x);
+            } else {
+                _mm512_storeu_ps(tmp.as_mut_ptr(), x);
+                for (j, &v) in tmp.iter().enumerate().take(cols) {
+                    let mut v = v;
+                    if ep.accumulate {
+                        v += *dst.add(j);
+                    }
+                    if !ep.bias.is_null() {
+                        v += *ep.bias.add(j);
+                    }
+                    if ep.relu {
+                        v = v.max(0.0);
+                    }
+                    *dst.add(j) = v;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even 1.0.
+        assert_eq!(to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80);
+        assert_eq!(to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+    }
+}
