@@ -73,6 +73,9 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080", env = "CNNSERVE_ADDR")]
     pub addr: std::net::SocketAddr,
+    /// Address of the gRPC server (the Open Inference Protocol, h2c); empty turns it off.
+    #[arg(long, default_value = "127.0.0.1:8081", env = "CNNSERVE_GRPC_ADDR", value_parser = parse_grpc_addr)]
+    pub grpc_addr: GrpcAddr,
     /// Folder of models: every `<name>.safetensors` / `<name>.pth` is served as model `<name>`.
     #[arg(long, default_value = "weights", env = "CNNSERVE_WEIGHTS_DIR")]
     pub weights_dir: PathBuf,
@@ -179,6 +182,21 @@ impl AccessArgs {
             cors_allow_origins: self.cors_allow_origins.clone(),
         })
     }
+}
+
+/// `--grpc-addr`: where the gRPC server listens, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcAddr(pub Option<std::net::SocketAddr>);
+
+/// An address such as `127.0.0.1:8081`, or empty for none.
+pub fn parse_grpc_addr(s: &str) -> Result<GrpcAddr, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(GrpcAddr(None));
+    }
+    s.parse().map(|a| GrpcAddr(Some(a))).map_err(|e| {
+        format!("`{s}` is not an address such as 0.0.0.0:8081 ({e}); an empty one turns gRPC off")
+    })
 }
 
 /// `20MB`, `1GiB`, `512k`, `1000`: decimal and binary units, bytes when bare.
@@ -817,7 +835,27 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
-    tracing::info!(addr = %listener.local_addr()?, weights_dir = %dir.display(), api_key, cors_allow_origins = %cors, "listening");
+    let grpc_listener = match args.grpc_addr.0 {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen for gRPC on {addr} (--grpc-addr; an empty one turns gRPC off)")
+        })?),
+        None => None,
+    };
+    let grpc_addr = match &grpc_listener {
+        Some(l) => l.local_addr()?.to_string(),
+        None => "off".to_string(),
+    };
+    tracing::info!(addr = %listener.local_addr()?, grpc_addr = %grpc_addr, weights_dir = %dir.display(), api_key, cors_allow_origins = %cors, "listening");
+    // HTTP and gRPC stop on the same signal.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let grpc = grpc_listener.map(|listener| {
+        let (state, stopped) = (state.clone(), stop.clone().cancelled_owned());
+        tokio::spawn(async move {
+            if let Err(e) = server::grpc::serve(listener, state, stopped).await {
+                tracing::error!(error = %e, "the gRPC server stopped");
+            }
+        })
+    });
 
     let url = args.weights_url.clone();
     let starter = jobs.clone();
@@ -858,15 +896,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     });
     let stopper = jobs.clone();
+    let stopping = stop.clone();
     let shutdown = async move {
         server::shutdown_signal().await;
+        stopping.cancel();
         stopper.shutdown();
     };
     let timeouts = server::IdleTimeouts {
         headers: std::time::Duration::from_secs(args.header_timeout),
         body: std::time::Duration::from_secs(args.body_timeout),
     };
-    server::serve_with(listener, state, timeouts, shutdown).await?;
+    let served = server::serve_with(listener, state, timeouts, shutdown).await;
+    stop.cancel();
+    if let Some(grpc) = grpc {
+        // Its calls in flight finish, as HTTP's did.
+        let _ = grpc.await;
+    }
+    served?;
     let idle =
         tokio::task::spawn_blocking(move || jobs.wait_idle(std::time::Duration::from_secs(30)));
     if !idle.await.unwrap_or(false) {

@@ -17,7 +17,9 @@
 //!   evaluation, and the files a fine-tuned model is saved as.
 //! - [`jobs`]: fine-tuning jobs: a queue, training threads in their own small thread pool, a
 //!   SQLite store that survives restarts, events for live progress.
-//! - [`server`]: HTTP (axum) over the engine; the one place that knows status codes and JSON shapes.
+//! - [`server`]: HTTP (axum) and gRPC (tonic) over the engine; the one place that knows status
+//!   codes, JSON shapes and protobuf. The Open Inference Protocol (KServe v2) is served over both:
+//!   [`server::v2`] is its logic, [`server::kserve`] its HTTP form, [`server::grpc`] its gRPC one.
 //! - [`metrics`]: the Prometheus registry the engine and the server write to.
 //! - [`atomic`]: crash-safe file writes, used for every model and state file we write.
 //! - [`crash`]: `CNNSERVE_CRASH_AT`, a test aid that kills the process at a chosen step.

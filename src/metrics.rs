@@ -15,7 +15,11 @@ pub struct ModelLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub model: String,
+    /// The HTTP status; for gRPC, the HTTP status its code stands for (200 for OK, 400 for
+    /// INVALID_ARGUMENT, 429 for RESOURCE_EXHAUSTED, …).
     pub status: u16,
+    /// `rest` (`/predict`), `v2` (the Open Inference Protocol over HTTP) or `grpc`.
+    pub protocol: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -69,7 +73,7 @@ impl Metrics {
         let jobs = Family::<JobLabels, Gauge>::default();
         registry.register(
             "requests",
-            "Prediction requests by model and HTTP status",
+            "Prediction requests by model, status and protocol",
             requests.clone(),
         );
         registry.register(

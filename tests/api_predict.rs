@@ -332,11 +332,14 @@ async fn bad_input_gets_a_clear_4xx_and_the_server_keeps_serving() {
     let (_, metrics) = get(r, "/metrics").await;
     let metrics = metrics.as_str().unwrap();
     assert!(
-        metrics.contains(r#"cnnserve_requests_total{model="googlenet",status="415"} 3"#),
+        metrics.contains(
+            r#"cnnserve_requests_total{model="googlenet",status="415",protocol="rest"} 3"#
+        ),
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"cnnserve_requests_total{model="unknown",status="404"} 1"#),
+        metrics
+            .contains(r#"cnnserve_requests_total{model="unknown",status="404",protocol="rest"} 1"#),
         "{metrics}"
     );
 }
@@ -953,6 +956,7 @@ async fn every_route_answers_wrong_methods_and_bad_parameters_in_json() {
         path.replace("{name}", "googlenet")
             .replace("{id}", "0123456789ab")
             .replace("{n}", "0")
+            .replace("{version}", "1")
     };
     let mut checked = 0;
     for (path, methods) in &routes {

@@ -68,6 +68,15 @@ pub enum EngineError {
     PixelBudget { pixels: u64, budget: u64 },
     #[error("no image in the request")]
     NoImage,
+    /// A prepared input batch the model cannot take (its shape, or its size against its data).
+    #[error("{0}")]
+    BadTensor(String),
+    #[error("the input's {height}x{width} pixels are more than --max-pixels ({max})")]
+    TensorTooLarge {
+        height: usize,
+        width: usize,
+        max: u64,
+    },
     #[error("image {index}: {source}")]
     Image {
         index: usize,
@@ -182,13 +191,81 @@ pub fn top_k(probabilities: &[f32], labels: &[String], k: usize) -> Vec<Predicti
         .collect()
 }
 
-/// Softmax rows for every image of a request, with the model that produced them.
+/// Logits and softmax rows for every image of a request, with the model that produced them.
 pub struct Predicted {
     pub classifier: Arc<Classifier>,
+    pub logits: Vec<Vec<f32>>,
     pub probabilities: Vec<Vec<f32>>,
     /// The longest wait and forward pass among the request's images.
     pub queue_time: Duration,
     pub inference_time: Duration,
+}
+
+/// What one request asks a model to classify.
+enum Inputs {
+    /// Encoded images, decoded and preprocessed here.
+    Images(Vec<bytes::Bytes>),
+    /// `[N, 3, H, W]`, row-major, already preprocessed.
+    Tensor { data: Vec<f32>, shape: [usize; 4] },
+}
+
+impl Inputs {
+    /// The pixels this request is charged at admission, once its inputs are known to be ones
+    /// `classifier` can take.
+    fn pixels(&self, classifier: &Classifier, max_pixels: u64) -> Result<u64, EngineError> {
+        match self {
+            Inputs::Images(images) => {
+                if images.is_empty() {
+                    return Err(EngineError::NoImage);
+                }
+                Ok(images
+                    .iter()
+                    .map(|b| {
+                        preprocess::declared_pixels(b).map_or(max_pixels, |p| p.min(max_pixels))
+                    })
+                    .sum())
+            }
+            Inputs::Tensor { data, shape } => {
+                let [n, channels, height, width] = *shape;
+                if n == 0 {
+                    return Err(EngineError::NoImage);
+                }
+                if channels != 3 {
+                    return Err(EngineError::BadTensor(format!(
+                        "an input batch is [N, 3, H, W]: this one has {channels} channels, not 3"
+                    )));
+                }
+                let min = match classifier.arch {
+                    Arch::Googlenet => crate::models::googlenet::MIN_INPUT_SIDE,
+                    _ => crate::models::vgg::MIN_INPUT_SIDE,
+                };
+                if height < min || width < min {
+                    return Err(EngineError::BadTensor(format!(
+                        "the input's {height}x{width} pixels are too few: model `{}` needs at \
+                         least {min}x{min}",
+                        classifier.name
+                    )));
+                }
+                let pixels = (height as u64).saturating_mul(width as u64);
+                if pixels > max_pixels {
+                    return Err(EngineError::TensorTooLarge {
+                        height,
+                        width,
+                        max: max_pixels,
+                    });
+                }
+                let expected = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+                if expected != Some(data.len()) {
+                    return Err(EngineError::BadTensor(format!(
+                        "the input has {} values, but its shape {shape:?} holds {}",
+                        data.len(),
+                        expected.map_or("more than can be counted".to_string(), |e| e.to_string())
+                    )));
+                }
+                Ok(pixels.saturating_mul(n as u64))
+            }
+        }
+    }
 }
 
 struct Slot {
@@ -390,6 +467,22 @@ impl Engine {
         name: &str,
         images: Vec<bytes::Bytes>,
     ) -> Result<Predicted, EngineError> {
+        self.run(name, Inputs::Images(images)).await
+    }
+
+    /// Classifies a batch already preprocessed: `data` is `[N, 3, H, W]` in row-major order,
+    /// normalized as the model expects (`shape` says N, 3, H and W). Its images go through the
+    /// same admission, queue and batches as [`Engine::predict`]'s.
+    pub async fn predict_tensor(
+        &self,
+        name: &str,
+        data: Vec<f32>,
+        shape: [usize; 4],
+    ) -> Result<Predicted, EngineError> {
+        self.run(name, Inputs::Tensor { data, shape }).await
+    }
+
+    async fn run(&self, name: &str, inputs: Inputs) -> Result<Predicted, EngineError> {
         let _permit = self
             .inner
             .permits
@@ -398,9 +491,6 @@ impl Engine {
             .map_err(|_| EngineError::Overloaded {
                 limit: self.inner.config.max_concurrent_requests,
             })?;
-        if images.is_empty() {
-            return Err(EngineError::NoImage);
-        }
         let (classifier, queue, incoming) = {
             let models = self.inner.models.read().expect("model registry lock");
             let slot = models.get(name).ok_or_else(|| self.unknown(name))?;
@@ -411,14 +501,11 @@ impl Engine {
             )
         };
         let max_pixels = self.inner.config.max_pixels;
-        // Admission by pixels, read from the headers: held until this request is answered, so
-        // that decoding never holds more than the budget across requests. One request alone
-        // always fits (its charge is capped at the budget).
+        let pixels = inputs.pixels(&classifier, max_pixels)?;
+        // Admission by pixels (of image headers, or of the tensor): held until this request is
+        // answered, so that decoding never holds more than the budget across requests. One
+        // request alone always fits (its charge is capped at the budget).
         let budget = self.inner.config.pixel_budget.max(max_pixels);
-        let pixels: u64 = images
-            .iter()
-            .map(|b| preprocess::declared_pixels(b).map_or(max_pixels, |p| p.min(max_pixels)))
-            .sum();
         let charge = u32::try_from(pixels.min(budget)).unwrap_or(u32::MAX);
         let _pixels = self
             .inner
@@ -428,8 +515,8 @@ impl Engine {
             .map_err(|_| EngineError::PixelBudget { pixels, budget })?;
         let transform = classifier.transform;
         let device = classifier.device().clone();
-        let inputs = tokio::task::spawn_blocking(move || {
-            images
+        let inputs = tokio::task::spawn_blocking(move || match inputs {
+            Inputs::Images(images) => images
                 .iter()
                 .enumerate()
                 .map(|(index, bytes)| {
@@ -439,7 +526,14 @@ impl Engine {
                         .apply(&image, &device)
                         .map_err(|e| EngineError::Inference(crate::models::error_message(&e)))
                 })
-                .collect::<Result<Vec<_>, _>>()
+                .collect::<Result<Vec<_>, _>>(),
+            Inputs::Tensor { data, shape } => {
+                let rows = || -> candle_core::Result<Vec<candle_core::Tensor>> {
+                    let xs = candle_core::Tensor::from_vec(data, shape.to_vec(), &device)?;
+                    (0..shape[0]).map(|i| xs.get(i)).collect()
+                };
+                rows().map_err(|e| EngineError::Inference(crate::models::error_message(&e)))
+            }
         })
         .await
         .map_err(|e| EngineError::Inference(format!("preprocessing task failed: {e}")))??;
@@ -462,6 +556,7 @@ impl Engine {
             replies.push(answer);
         }
         drop(incoming);
+        let mut logits = Vec::with_capacity(replies.len());
         let mut probabilities = Vec::with_capacity(replies.len());
         let (mut queue_time, mut inference_time) = (Duration::ZERO, Duration::ZERO);
         for answer in replies {
@@ -471,10 +566,12 @@ impl Engine {
                 .map_err(EngineError::from_forward)?;
             queue_time = queue_time.max(scored.queue_time);
             inference_time = inference_time.max(scored.inference_time);
+            logits.push(scored.logits);
             probabilities.push(scored.probabilities);
         }
         Ok(Predicted {
             classifier,
+            logits,
             probabilities,
             queue_time,
             inference_time,

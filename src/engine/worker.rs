@@ -12,7 +12,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use tokio::sync::oneshot;
 
 use super::classifier::Classifier;
@@ -28,8 +28,9 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<Scored, String>>,
 }
 
-/// Softmax probabilities for one image, and how long it waited and ran.
+/// Logits and their softmax probabilities for one image, and how long it waited and ran.
 pub struct Scored {
+    pub logits: Vec<f32>,
     pub probabilities: Vec<f32>,
     pub queue_time: Duration,
     pub inference_time: Duration,
@@ -185,8 +186,11 @@ fn run_batch(jobs: Vec<Job>, metrics: &Metrics, label: &crate::metrics::ModelLab
     // Inputs were prepared on the model's device (`Classifier::device`).
     let result = Tensor::stack(&inputs, 0)
         .and_then(|xs| classifier.logits(&xs))
-        .and_then(|logits| layers::softmax(&logits))
-        .and_then(|p| p.to_vec2::<f32>());
+        .and_then(|logits| {
+            let probabilities = layers::softmax(&logits)?.to_vec2::<f32>()?;
+            let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            Ok((logits, probabilities))
+        });
     let inference_time = started.elapsed();
     metrics
         .batch_size
@@ -197,8 +201,9 @@ fn run_batch(jobs: Vec<Job>, metrics: &Metrics, label: &crate::metrics::ModelLab
         .get_or_create(label)
         .observe(inference_time.as_secs_f64());
     match result {
-        Ok(rows) => {
-            for (job, probabilities) in jobs.into_iter().zip(rows) {
+        Ok((logits, probabilities)) => {
+            let rows = logits.into_iter().zip(probabilities);
+            for (job, (logits, probabilities)) in jobs.into_iter().zip(rows) {
                 let queue_time = started.saturating_duration_since(job.enqueued);
                 metrics
                     .queue_seconds
@@ -206,6 +211,7 @@ fn run_batch(jobs: Vec<Job>, metrics: &Metrics, label: &crate::metrics::ModelLab
                     .observe(queue_time.as_secs_f64());
                 // The requester may have gone away (client disconnect): nothing to do then.
                 let _ = job.reply.send(Ok(Scored {
+                    logits,
                     probabilities,
                     queue_time,
                     inference_time,

@@ -124,7 +124,10 @@ impl From<EngineError> for ApiError {
             EngineError::Overloaded { .. } => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message)
             }
-            EngineError::NoImage => Self::bad_request(message),
+            EngineError::NoImage | EngineError::BadTensor(_) => Self::bad_request(message),
+            EngineError::TensorTooLarge { .. } => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "too_many_pixels", message)
+            }
             EngineError::Image { source, .. } => match source {
                 ImageError::TooManyPixels { .. } => {
                     Self::new(StatusCode::UNPROCESSABLE_ENTITY, "too_many_pixels", message)

@@ -18,15 +18,7 @@ use crate::engine::ModelState;
 pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let states = state.engine.states();
     let default = state.default_model();
-    let loading = states.values().any(|s| *s == ModelState::Loading);
-    let default_ready = default
-        .as_deref()
-        .is_some_and(|d| states.get(d) == Some(&ModelState::Ready));
-    let (status, word) = match (loading, default_ready) {
-        (false, true) => (StatusCode::OK, "ok"),
-        (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
-        (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-    };
+    let (status, word) = readiness(&states, default.as_deref());
     let models: Vec<serde_json::Value> = states
         .iter()
         .map(|(name, s)| match s.error() {
@@ -38,6 +30,28 @@ pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
         status,
         Json(json!({ "status": word, "default_model": default, "models": models })),
     )
+}
+
+/// Whether the server is ready (every model found has settled and the default one is ready): 200
+/// `ok`, or 503 `loading` / `unavailable`. `/health`, `/v2/health/ready` and gRPC's ServerReady
+/// all answer this.
+pub(super) fn readiness(
+    states: &std::collections::BTreeMap<String, ModelState>,
+    default: Option<&str>,
+) -> (StatusCode, &'static str) {
+    let loading = states.values().any(|s| *s == ModelState::Loading);
+    let default_ready = default.is_some_and(|d| states.get(d) == Some(&ModelState::Ready));
+    match (loading, default_ready) {
+        (false, true) => (StatusCode::OK, "ok"),
+        (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+        (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    }
+}
+
+/// Whether `state`'s server is ready: see [`readiness`].
+pub(super) fn is_ready(state: &AppState) -> bool {
+    let default = state.default_model();
+    readiness(&state.engine.states(), default.as_deref()).0 == StatusCode::OK
 }
 
 /// Liveness: the process answers.

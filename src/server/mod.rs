@@ -1,13 +1,17 @@
-//! HTTP: routes, shared state, and the serve loop. The only module that knows axum.
+//! HTTP and gRPC: routes, shared state, and the serve loops. The only module that knows axum and
+//! tonic.
 
 pub mod auth;
 pub mod error;
+pub mod grpc;
 mod health;
 mod jobs;
+pub mod kserve;
 mod models;
 pub mod openapi;
 mod predict;
 mod static_files;
+pub mod v2;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -118,6 +122,7 @@ pub fn router(state: AppState) -> Router {
         .route("/info", get(health::info))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi::openapi))
+        .merge(kserve::routes(state.config.payload_limit))
         .merge(openapi::swagger_ui())
         .fallback(|| async { ApiError::not_found("no such endpoint; see the README for the API") })
         .with_state(state)

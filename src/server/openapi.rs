@@ -3,7 +3,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{error, health, jobs, models, predict};
+use super::{error, health, jobs, kserve, models, predict, v2};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,8 +30,25 @@ use super::{error, health, jobs, models, predict};
         health::info,
         health::metrics,
         openapi,
+        kserve::server_metadata,
+        kserve::live,
+        kserve::ready,
+        kserve::model_metadata,
+        kserve::model_version_metadata,
+        kserve::model_ready,
+        kserve::model_version_ready,
+        kserve::infer,
+        kserve::infer_version,
     ),
-    components(schemas(error::ErrorBody, predict::Several, predict::Predictions)),
+    components(schemas(
+        error::ErrorBody,
+        predict::Several,
+        predict::Predictions,
+        v2::TensorMetadata,
+        kserve::RequestInput,
+        kserve::RequestOutput,
+        kserve::ResponseOutput
+    )),
     modifiers(&ApiKeyScheme)
 )]
 pub struct ApiDoc;

@@ -108,11 +108,7 @@ async fn run(
     request: Request,
 ) -> Response {
     let started = Instant::now();
-    // Label by known model names only: request-chosen labels would let clients grow /metrics.
-    let model_label = match &model {
-        Some(name) if state.engine.get(name).is_some() => name.clone(),
-        _ => "unknown".to_string(),
-    };
+    let model_label = model_label(&state, model.as_deref());
     let response = match answer(
         &state,
         model,
@@ -125,19 +121,46 @@ async fn run(
         Ok(response) => response,
         Err(e) => e.into_response(),
     };
+    record(
+        &state,
+        model_label,
+        response.status().as_u16(),
+        "rest",
+        started,
+    );
+    response
+}
+
+/// The model label of a prediction request's metrics: known model names only, since labels a
+/// request could choose would let clients grow `/metrics` without end.
+pub(super) fn model_label(state: &AppState, model: Option<&str>) -> String {
+    match model {
+        Some(name) if state.engine.get(name).is_some() => name.to_string(),
+        _ => "unknown".to_string(),
+    }
+}
+
+/// Counts a prediction request, whichever protocol it came by, and its whole time.
+pub(super) fn record(
+    state: &AppState,
+    model: String,
+    status: u16,
+    protocol: &'static str,
+    started: Instant,
+) {
     let metrics = state.engine.metrics();
+    metrics
+        .total_seconds
+        .get_or_create(&Metrics::model(&model))
+        .observe(started.elapsed().as_secs_f64());
     metrics
         .requests
         .get_or_create(&RequestLabels {
-            model: model_label.clone(),
-            status: response.status().as_u16(),
+            model,
+            status,
+            protocol,
         })
         .inc();
-    metrics
-        .total_seconds
-        .get_or_create(&Metrics::model(&model_label))
-        .observe(started.elapsed().as_secs_f64());
-    response
 }
 
 async fn answer(
@@ -190,7 +213,7 @@ async fn answer(
 }
 
 /// Milliseconds, as text-embeddings-inference and TorchServe report them.
-fn timing_header(headers: &mut HeaderMap, name: &'static str, seconds: f64) {
+pub(super) fn timing_header(headers: &mut HeaderMap, name: &'static str, seconds: f64) {
     if let Ok(value) = HeaderValue::from_str(&format!("{:.3}", seconds * 1e3)) {
         headers.insert(name, value);
     }
