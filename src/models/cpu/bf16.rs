@@ -80,8 +80,9 @@ mod avx512 {
     use super::{Epilogue, KC, MR, NR};
 
     thread_local! {
-        /// `A`'s rows of one `K` slice in bf16, reused from call to call.
-        static ROWS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+        /// `A`'s rows of one `K` slice in bf16, packed, and one row being converted; reused from call
+    /// to call.
+        static ROWS: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -102,17 +103,27 @@ mod avx512 {
             return;
         }
         let half = k.div_ceil(2);
-        ROWS.with_borrow_mut(|buf| {
+        let blocks = rows.div_ceil(MR);
+        ROWS.with_borrow_mut(|(buf, row)| {
             let mut k0 = 0;
             while k0 < k {
                 let kc = KC.min(k - k0);
                 // Pairs of this slice, rounded up: KC is even, so slices start on a pair.
                 let kp = kc.div_ceil(2);
+                // `A` packed as MLAS packs it: per block of MR rows, per pair, MR words side by
+                // side, so the microkernel broadcasts from fixed offsets of one pointer.
                 buf.clear();
-                buf.resize(rows * kp, 0);
-                let halves = buf.as_mut_ptr() as *mut u16;
+                buf.resize(blocks * kp * MR, 0);
+                row.clear();
+                row.resize(kp, 0);
                 for r in 0..rows {
-                    convert_row(a.add(r * lda + k0), kc, halves.add(r * kp * 2));
+                    row[kp - 1] = 0; // an odd slice's last pair keeps a zero high half
+                    convert_row(a.add(r * lda + k0), kc, row.as_mut_ptr() as *mut u16);
+                    let (block, i) = (r / MR, r % MR);
+                    let dst = &mut buf[block * kp * MR..][..kp * MR];
+                    for (q, &pair) in row.iter().enumerate() {
+                        dst[q * MR + i] = pair;
+                    }
                 }
                 let (first, last) = (k0 == 0, k0 + kc == k);
                 let step = Epilogue {
@@ -128,21 +139,18 @@ mod avx512 {
                     } else {
                         step.bias.add(p * NR)
                     };
-                    let mut r0 = 0;
-                    while r0 < rows {
-                        let mr = MR.min(rows - r0);
+                    for block in 0..blocks {
+                        let r0 = block * MR;
                         microkernel(
                             kp,
-                            buf.as_ptr().add(r0 * kp),
-                            kp,
-                            mr,
+                            buf.as_ptr().add(block * kp * MR),
+                            MR.min(rows - r0),
                             bp,
                             c.add(r0 * ldc + i * NR),
                             ldc,
                             cols,
                             Epilogue { bias, ..step },
                         );
-                        r0 += MR;
                     }
                 }
                 k0 += kc;
@@ -166,13 +174,12 @@ mod avx512 {
         }
     }
 
-    /// One `mr × cols` block of `C` over `kp` pairs of `K`.
+    /// One `mr × cols` block of `C` over `kp` pairs of `K`; `a` is one packed block of `A`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn microkernel(
         kp: usize,
         a: *const u32,
-        lda: usize,
         mr: usize,
         b: *const u32,
         c: *mut f32,
@@ -180,17 +187,13 @@ mod avx512 {
         cols: usize,
         ep: Epilogue,
     ) {
-        let mut rows = [a; MR];
-        for (i, row) in rows.iter_mut().enumerate() {
-            // Rows past `mr` repeat the last real one; their results are not stored.
-            *row = a.add(i.min(mr - 1) * lda);
-        }
         let mut acc = [_mm512_setzero_ps(); MR];
         for q in 0..kp {
             let bv: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR) as *const _));
-            for i in 0..MR {
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*rows[i].add(q) as i32));
-                acc[i] = _mm512_dpbf16_ps(acc[i], av, bv);
+            let aq = a.add(q * MR);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*aq.add(i) as i32));
+                *acc = _mm512_dpbf16_ps(*acc, av, bv);
             }
         }
         let mut tmp = [0f32; NR];
