@@ -13,5 +13,10 @@ if [ ! -f "$vgg" ]; then
   mkdir -p "$(dirname "$vgg")"
   gunzip -c "$fixtures/vgg11_bn/weights.safetensors.gz" > "$vgg.part" && mv "$vgg.part" "$vgg"
 fi
-cargo build --release --quiet
-bin="$CARGO_TARGET_DIR/release/cnnserve"
+# CNNSERVE_BIN: measure that binary instead of building this checkout.
+if [ -n "${CNNSERVE_BIN:-}" ]; then
+  bin="$CNNSERVE_BIN"
+else
+  cargo build --release --quiet
+  bin="$CARGO_TARGET_DIR/release/cnnserve"
+fi

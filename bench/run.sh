@@ -19,6 +19,9 @@ for model in vgg11_bn googlenet; do
   [ "$model" = googlenet ] && weights=$googlenet
   "$bin" bench --model "$model" --weights "$weights" --batch "$batch" --size "$size" --iters "$iters" 2>/dev/null \
     | sed 's/^{/{"engine":"cnnserve",/' | tee -a "$out"
+  # bf16 where the CPU has AVX512_BF16 (the command refuses it otherwise).
+  "$bin" bench --model "$model" --weights "$weights" --batch "$batch" --size "$size" --iters "$iters" \
+    --dtype bf16 2>/dev/null | sed 's/^{/{"engine":"cnnserve-bf16",/' | tee -a "$out" || true
   if "$python" -c "import torch, torchvision, safetensors" 2>/dev/null; then
     "$python" bench/inference_pytorch.py --model "$model" --weights "$weights" --batch "$batch" \
       --size "$size" --iters "$iters" | tee -a "$out"
@@ -30,7 +33,7 @@ done
 python3 - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"ms_median"' in l]
-engines = ["torch-eager", "torch-channels_last", "onnxruntime", "cnnserve"]
+engines = ["torch-eager", "torch-channels_last", "onnxruntime", "cnnserve", "cnnserve-bf16"]
 print("| ms per batch (median) | " + " | ".join(engines) + " | ONNX Runtime / cnnserve |")
 print("|---|" + "---|" * (len(engines) + 1))
 for model in ("vgg11_bn", "googlenet"):

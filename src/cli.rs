@@ -395,7 +395,7 @@ pub fn fetch_weights(args: &FetchWeightsArgs) -> anyhow::Result<()> {
         println!(
             "{arch}: wrote {} (tensors sha256 {})",
             path.display(),
-            &identity.tensors_sha256[..16]
+            &identity.tensors_sha256()?[..16]
         );
         let pth = dir.join(weights::fetch::torchvision_file(arch));
         if pth.is_file() {

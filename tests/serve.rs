@@ -878,7 +878,8 @@ fn heads_find_their_base_after_it_is_converted_to_safetensors() {
     .unwrap();
     assert_ne!(from_pth.file_sha256, from_st.file_sha256);
     assert_eq!(
-        from_pth.tensors_sha256, from_st.tensors_sha256,
+        from_pth.tensors_sha256().unwrap(),
+        from_st.tensors_sha256().unwrap(),
         "same tensors, same identity"
     );
 
@@ -890,7 +891,7 @@ fn heads_find_their_base_after_it_is_converted_to_safetensors() {
         before.path(),
         "new",
         &from_pth.file_sha256,
-        Some(&from_pth.tensors_sha256),
+        Some(from_pth.tensors_sha256().unwrap()),
     );
     let stranger = write_head(
         before.path(),

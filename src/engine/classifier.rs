@@ -58,12 +58,12 @@ impl Classifier {
         // Hashing reads the file a second time: let it run beside the load, not after it.
         let (loaded, sha256) = std::thread::scope(|s| {
             let hash = s.spawn(|| sha256_file(file));
-            let loaded = weights::load_network_identified(arch, file, device, dtype);
+            let loaded = weights::load_network_as(arch, file, device, dtype);
             let sha256 = hash.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
             (loaded, sha256)
         });
-        let ((network, tensors_sha256), sha256) = (loaded?, sha256?);
-        let identity = weights::WeightsIdentity::new(file, sha256.clone(), tensors_sha256);
+        let (network, sha256) = (loaded?, sha256?);
+        let identity = weights::WeightsIdentity::new(arch, file, sha256.clone());
         warm_up(&network)?;
         let labels = if network.num_classes() == 1000 {
             imagenet_labels()

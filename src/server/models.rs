@@ -30,7 +30,8 @@ pub struct ModelView {
     /// sha256 of the file.
     pub sha256: String,
     /// Pretrained models: sha256 of the tensors, the identity fine-tuned heads record (the same
-    /// for a `.pth` and its safetensors conversion).
+    /// for a `.pth` and its safetensors conversion); present once computed (a head was trained
+    /// on it or looked for it by its tensors).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensors_sha256: Option<String>,
     pub loaded_at: DateTime<Utc>,
@@ -92,7 +93,11 @@ impl ModelView {
             preprocessing: c.transform.name(),
             file: c.file.display().to_string(),
             sha256: c.sha256.clone(),
-            tensors_sha256: c.identity.as_ref().map(|id| id.tensors_sha256.clone()),
+            tensors_sha256: c
+                .identity
+                .as_ref()
+                .and_then(|id| id.tensors_sha256_if_known())
+                .map(str::to_string),
             loaded_at: c.loaded_at,
             default,
             state: "ready",

@@ -54,7 +54,7 @@ pub fn save(
         arch: trained.arch,
         base_model: base_model.to_string(),
         base_sha256: base.file_sha256.clone(),
-        base_tensors_sha256: Some(base.tensors_sha256.clone()),
+        base_tensors_sha256: Some(base.tensors_sha256()?.to_string()),
         train_layers: trained.train_layers,
         classes: trained.classes.clone(),
         transform: TRANSFORM,

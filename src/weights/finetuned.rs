@@ -44,10 +44,25 @@ impl FineTunedMeta {
     /// the same tensors, or (heads that recorded only a file) the same file or the file it was
     /// converted from.
     pub fn is_trained_on(&self, arch: Arch, base: &super::WeightsIdentity) -> bool {
-        arch == self.arch
-            && (self.base_tensors_sha256.as_deref() == Some(base.tensors_sha256.as_str())
-                || self.base_sha256 == base.file_sha256
-                || base.source_sha256.as_deref() == Some(self.base_sha256.as_str()))
+        if arch != self.arch {
+            return false;
+        }
+        if self.base_sha256 == base.file_sha256
+            || base.source_sha256.as_deref() == Some(self.base_sha256.as_str())
+        {
+            return true;
+        }
+        // Only now the tensors (the base was converted some other way): a read of its file.
+        let Some(wanted) = self.base_tensors_sha256.as_deref() else {
+            return false;
+        };
+        match base.tensors_sha256() {
+            Ok(digest) => digest == wanted,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a base model's tensors");
+                false
+            }
+        }
     }
 
     pub fn read(path: &Path) -> Result<Self, WeightsError> {

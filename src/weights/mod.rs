@@ -353,26 +353,49 @@ pub fn tensors_sha256(
 }
 
 /// What pretrained weights are known by when a fine-tuned head looks for the base it was
-/// trained on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// trained on: the file's sha256 at once, the tensors' sha256 when first asked for (it reads the
+/// file again: loading a model stays as fast as before, and most heads are found by the file).
+#[derive(Debug)]
 pub struct WeightsIdentity {
     /// sha256 of the file.
     pub file_sha256: String,
-    /// [`tensors_sha256`]: the same for a `.pth` and the safetensors converted from it.
-    pub tensors_sha256: String,
     /// For a converted file: the sha256 of the file it was converted from, so heads recorded
     /// against that file (before heads recorded tensors) still find it.
     pub source_sha256: Option<String>,
+    arch: Arch,
+    file: PathBuf,
+    tensors: std::sync::OnceLock<String>,
 }
 
 impl WeightsIdentity {
-    /// The identity of `file`, whose sha256 and tensors' sha256 are known.
-    pub fn new(file: &Path, file_sha256: String, tensors_sha256: String) -> Self {
+    /// The identity of `arch` weights in `file`, whose sha256 is known.
+    pub fn new(arch: Arch, file: &Path, file_sha256: String) -> Self {
         Self {
             file_sha256,
-            tensors_sha256,
             source_sha256: source_sha256(file),
+            arch,
+            file: file.to_path_buf(),
+            tensors: std::sync::OnceLock::new(),
         }
+    }
+
+    /// [`tensors_sha256`] of these weights: the same for a `.pth` and its safetensors
+    /// conversion. Computed once, from the file.
+    pub fn tensors_sha256(&self) -> Result<&str, WeightsError> {
+        if let Some(known) = self.tensors.get() {
+            return Ok(known);
+        }
+        let tensors = to_f32(read_tensors(&self.file, &Device::Cpu)?)?;
+        let cfg = self.arch.config(num_classes(self.arch, &tensors)?);
+        let expected = expected_tensors(&cfg, &Device::Cpu)?;
+        check_tensors(self.arch, &expected, &tensors)?;
+        let digest = tensors_sha256(&expected, &tensors)?;
+        Ok(self.tensors.get_or_init(|| digest))
+    }
+
+    /// [`WeightsIdentity::tensors_sha256`] if it was computed already.
+    pub fn tensors_sha256_if_known(&self) -> Option<&str> {
+        self.tensors.get().map(String::as_str)
     }
 }
 
@@ -384,7 +407,8 @@ pub fn load_network_with_identity(
     device: &Device,
 ) -> Result<(Network, WeightsIdentity), WeightsError> {
     let (network, tensors) = load_network_identified(arch, path, device, DType::F32)?;
-    let identity = WeightsIdentity::new(path, sha256_file(path)?, tensors);
+    let identity = WeightsIdentity::new(arch, path, sha256_file(path)?);
+    let _ = identity.tensors.set(tensors);
     Ok((network, identity))
 }
 
