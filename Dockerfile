@@ -1,5 +1,5 @@
 # Two images from one file; both run as a non-root user (uid 10001) with the weights dir as a
-# volume, expose the HTTP port (8080) and the gRPC one (8081, for the gRPC server to come), and
+# volume, expose the HTTP port (8080) and the gRPC one (8081), and
 # check their own health through `cnnserve healthcheck`.
 #
 #   CPU (the default target):  docker build -t cnnserve .
@@ -52,10 +52,10 @@ RUN groupadd --gid 10001 cnnserve \
     && useradd --uid 10001 --gid 10001 --home-dir /weights --no-create-home \
         --shell /usr/sbin/nologin cnnserve \
     && mkdir /weights && chown 10001:10001 /weights
-ENV CNNSERVE_ADDR=0.0.0.0:8080 CNNSERVE_WEIGHTS_DIR=/weights \
+ENV CNNSERVE_ADDR=0.0.0.0:8080 CNNSERVE_GRPC_ADDR=0.0.0.0:8081 CNNSERVE_WEIGHTS_DIR=/weights \
     CNNSERVE_HEALTHCHECK_URL=http://127.0.0.1:8080/health
 VOLUME /weights
-# 8080: HTTP. 8081: gRPC (the server to come listens there).
+# 8080: HTTP. 8081: gRPC (the Open Inference Protocol, h2c).
 EXPOSE 8080 8081
 # Healthy once the default model is loaded (/health answers 200; 503 while loading, or when the
 # default model failed), checked by the binary itself (no curl in the image). Loading vgg11_bn

@@ -156,7 +156,7 @@ check_serving() {
   # The healthcheck's URL follows the port: the image's default is 8080.
   pm run -d --name "$name" --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --network=host \
     -v "$weights:/weights" -e CNNSERVE_ADDR="127.0.0.1:$port" \
-    -e CNNSERVE_HEALTHCHECK_URL="$url/health" "${run_args[@]}" \
+    -e CNNSERVE_GRPC_ADDR="127.0.0.1:$(free_port)" -e CNNSERVE_HEALTHCHECK_URL="$url/health" "${run_args[@]}" \
     "$image" serve --default-model googlenet --offline "$@" >/dev/null 2>"$work/run.log" ||
     { cat "$work/run.log" >&2; fail "$name: podman run failed"; }
   # (Podman says in run.log that it has no systemd to time the healthchecks with: only shown on
@@ -266,7 +266,7 @@ if [ -n "$cuda_bin" ]; then
   containers+=("cnnserve-test-cuda-gpu-$tag")
   if out="$(pm run --name "cnnserve-test-cuda-gpu-$tag" --no-healthcheck --ulimit nofile=1024:1024 \
     --ulimit nproc=1024:1024 --network=host -e CNNSERVE_ADDR="127.0.0.1:$(free_port)" \
-    -e RUST_LOG=off "${driver[@]}" "$image" serve --default-model googlenet --offline 2>&1)"; then
+    -e CNNSERVE_GRPC_ADDR= -e RUST_LOG=off "${driver[@]}" "$image" serve --default-model googlenet --offline 2>&1)"; then
     fail "$image: started on CUDA without a GPU: $out"
   fi
   printf '%s\n' "$out" | grep -q '^error: cannot open CUDA device 0' ||
