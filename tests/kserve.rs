@@ -755,6 +755,53 @@ async fn the_api_key_guards_v2_but_not_its_health_probes() {
     }
 }
 
+/// Pages of an allowed origin may send and read the binary-data extension's header.
+#[tokio::test]
+async fn cors_lets_pages_use_binary_data() {
+    let origin = "https://app.example.com";
+    let app = app_with(
+        EngineConfig::on(Device::Cpu),
+        Access {
+            api_key: None,
+            cors_allow_origins: vec![axum::http::HeaderValue::from_static(origin)],
+        },
+    );
+    let preflight = Request::builder()
+        .method(Method::OPTIONS)
+        .uri("/v2/models/googlenet/infer")
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "inference-header-content-length",
+        )
+        .body(Body::empty())
+        .unwrap();
+    let a = send(&app.router, preflight).await;
+    assert!(a.status.is_success(), "{}", a.status);
+    let allowed = a.headers["access-control-allow-headers"].to_str().unwrap();
+    assert!(
+        allowed.contains("inference-header-content-length"),
+        "{allowed}"
+    );
+    let small = vec![0.5f32; 3 * 32 * 32];
+    let raw = le_bytes(&small);
+    let body = json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                                  "parameters": {"binary_data_size": raw.len()}}],
+                      "parameters": {"binary_data_output": true}});
+    let mut request = infer_binary("/v2/models/googlenet/infer", &body, &raw);
+    request
+        .headers_mut()
+        .insert("origin", axum::http::HeaderValue::from_static(origin));
+    let a = send(&app.router, request).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.json);
+    let exposed = a.headers["access-control-expose-headers"].to_str().unwrap();
+    assert!(
+        exposed.contains("inference-header-content-length"),
+        "{exposed}"
+    );
+}
+
 /// A gRPC server on a free port over `state`; stops when the sender is dropped or sent to.
 async fn grpc_server(
     state: AppState,

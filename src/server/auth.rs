@@ -254,6 +254,7 @@ pub fn cors(origins: &[HeaderValue]) -> Option<tower_http::cors::CorsLayer> {
                 header::CONTENT_TYPE,
                 header::ACCEPT,
                 header::HeaderName::from_static("x-request-id"),
+                header::HeaderName::from_static("inference-header-content-length"),
             ])
             .expose_headers([
                 header::HeaderName::from_static("x-request-id"),
@@ -261,6 +262,7 @@ pub fn cors(origins: &[HeaderValue]) -> Option<tower_http::cors::CorsLayer> {
                 header::HeaderName::from_static("x-total-time"),
                 header::RETRY_AFTER,
                 header::CONTENT_DISPOSITION,
+                header::HeaderName::from_static("inference-header-content-length"),
             ])
             .max_age(std::time::Duration::from_secs(600)),
     )
