@@ -242,9 +242,28 @@ fn serve_loads_the_weights_dir_answers_and_stops_on_sigterm() {
         body["model"], "googlenet",
         "vgg11_bn is absent: the only model is the default"
     );
+    // The containers' HEALTHCHECK: 0 while the server answers, 1 (one sentence) once it is gone.
+    let healthcheck = |url: &str| {
+        cnnserve()
+            .args(["healthcheck", "--timeout", "2", "--url", url])
+            .output()
+            .unwrap()
+    };
+    let ping = format!("http://{addr}/ping");
+    assert!(healthcheck(&ping).status.success());
+    assert!(healthcheck(&format!("http://{addr}/health"))
+        .status
+        .success());
     sigterm(&child);
     let logs = logs_until(&logs, "shutting down");
     let status = child.wait().unwrap();
+    let gone = healthcheck(&ping);
+    assert_eq!(gone.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&gone.stderr);
+    assert!(
+        stderr.starts_with("error: ") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
     assert!(status.success(), "{status:?}");
     assert!(logs.contains("shutting down"), "{logs}");
 }
