@@ -845,6 +845,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(l) => l.local_addr()?.to_string(),
         None => "off".to_string(),
     };
+    // Before anything says it listens: a SIGTERM from then on is a graceful stop.
+    let signal = server::shutdown_signal();
     tracing::info!(addr = %listener.local_addr()?, grpc_addr = %grpc_addr, weights_dir = %dir.display(), api_key, cors_allow_origins = %cors, "listening");
     // HTTP and gRPC stop on the same signal.
     let stop = tokio_util::sync::CancellationToken::new();
@@ -898,7 +900,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stopper = jobs.clone();
     let stopping = stop.clone();
     let shutdown = async move {
-        server::shutdown_signal().await;
+        signal.await;
         stopping.cancel();
         stopper.shutdown();
     };
