@@ -187,47 +187,18 @@ mod avx512 {
         cols: usize,
         ep: Epilogue,
     ) {
-        let mut acc = [_mm512_setzero_ps(); MR];
+        let mut acc = [[_mm512_setzero_ps(); 1]; MR];
         for q in 0..kp {
             let bv: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR) as *const _));
             let aq = a.add(q * MR);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*aq.add(i) as i32));
-                *acc = _mm512_dpbf16_ps(*acc, av, bv);
+                acc[0] = _mm512_dpbf16_ps(acc[0], av, bv);
             }
         }
-        let mut tmp = [0f32; NR];
-        for (i, &x) in acc.iter().enumerate().take(mr) {
-            let dst = c.add(i * ldc);
-            if cols == NR {
-                let mut x = x;
-                if ep.accumulate {
-                    x = _mm512_add_ps(x, _mm512_loadu_ps(dst));
-                }
-                if !ep.bias.is_null() {
-                    x = _mm512_add_ps(x, _mm512_loadu_ps(ep.bias));
-                }
-                if ep.relu {
-                    x = _mm512_max_ps(x, _mm512_setzero_ps());
-                }
-                _mm512_storeu_ps(dst, x);
-            } else {
-                _mm512_storeu_ps(tmp.as_mut_ptr(), x);
-                for (j, &v) in tmp.iter().enumerate().take(cols) {
-                    let mut v = v;
-                    if ep.accumulate {
-                        v += *dst.add(j);
-                    }
-                    if !ep.bias.is_null() {
-                        v += *ep.bias.add(j);
-                    }
-                    if ep.relu {
-                        v = v.max(0.0);
-                    }
-                    *dst.add(j) = v;
-                }
-            }
-        }
+        crate::models::cpu::gemm::store::<crate::models::cpu::simd::Avx512, MR, 1>(
+            &acc, mr, c, ldc, cols, ep,
+        );
     }
 }
 

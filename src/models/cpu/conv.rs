@@ -139,10 +139,17 @@ impl CpuConv {
             self.kind != ConvKind::WinogradF43,
             "bf16 convolutions take Winograd F(2,3), not F(4,3)"
         );
+        // Field by field: `..self.clone()` would copy the f32 panels only to drop them.
         Self {
+            c_in: self.c_in,
+            c_out: self.c_out,
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+            kind: self.kind,
             packed: self.packed.as_ref().map(PackedB::to_bf16),
             winograd: self.winograd.iter().map(PackedB::to_bf16).collect(),
-            ..self.clone()
+            bias: self.bias.clone(),
         }
     }
 

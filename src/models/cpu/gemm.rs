@@ -236,6 +236,20 @@ unsafe fn microkernel<S: Simd, const MR: usize, const NV: usize>(
             }
         }
     }
+    store::<S, MR, NV>(&acc, mr, c, ldc, cols, ep);
+}
+
+/// Stores an `MR × NR` block of accumulators into `C` (its first `mr` rows and `cols` columns),
+/// applying the epilogue: what both the f32 and the bf16 microkernels end in.
+#[inline(always)]
+pub(super) unsafe fn store<S: Simd, const MR: usize, const NV: usize>(
+    acc: &[[S::V; NV]; MR],
+    mr: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    ep: Epilogue,
+) {
     if mr == MR && cols == NR {
         for (i, row) in acc.iter().enumerate() {
             for (v, &x) in row.iter().enumerate() {
