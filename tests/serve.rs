@@ -354,20 +354,28 @@ fn asking_for_cuda_in_a_cpu_build_says_how_to_get_it() {
 #[test]
 fn a_dtype_the_device_cannot_run_stops_the_start_with_a_sentence() {
     let dir = tempfile::tempdir().unwrap();
-    let out = cnnserve()
-        .args([
-            "--dtype",
-            "f16",
-            "--offline",
-            "--addr",
-            "127.0.0.1:0",
-            "--weights-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // `serve --dtype <dtype>` on an empty weights dir, with CNNSERVE_CPU_ISA capped at `isa`.
+    let start = |dtype: &str, isa: Option<&str>| {
+        let mut command = cnnserve();
+        if let Some(isa) = isa {
+            command.env("CNNSERVE_CPU_ISA", isa);
+        }
+        let out = command
+            .args([
+                "--dtype",
+                dtype,
+                "--offline",
+                "--addr",
+                "127.0.0.1:0",
+                "--weights-dir",
+            ])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = start("f16", None);
     assert!(
         stderr.contains("--dtype f16 is not available on the CPU")
             && stderr.contains("--dtype f32"),
@@ -375,21 +383,7 @@ fn a_dtype_the_device_cannot_run_stops_the_start_with_a_sentence() {
     );
     assert!(!stderr.contains("stack backtrace"), "{stderr}");
     // bf16 needs AVX512_BF16: refused wherever the instruction set is capped below AVX-512.
-    let out = cnnserve()
-        .env("CNNSERVE_CPU_ISA", "avx2")
-        .args([
-            "--dtype",
-            "bf16",
-            "--offline",
-            "--addr",
-            "127.0.0.1:0",
-            "--weights-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = start("bf16", Some("avx2"));
     assert!(
         stderr.contains("--dtype bf16 on the CPU needs AVX-512 with the BF16 extension"),
         "{stderr}"
