@@ -7,6 +7,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand};
 
+use crate::jobs::Role;
 use crate::models::{Arch, Precision};
 use crate::weights;
 
@@ -128,6 +129,26 @@ pub struct ServeArgs {
     /// Threads one training may use (default: half the cores), so /predict stays responsive.
     #[arg(long, env = "CNNSERVE_TRAINING_THREADS")]
     pub training_threads: Option<usize>,
+    /// Where jobs and the model registry live: sqlite:<path> (default: jobs.sqlite in the weights
+    /// dir; one process) or postgres://user:password@host:port/database (replicas share it).
+    #[arg(long, env = "CNNSERVE_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Where fine-tuned heads, their metadata and uploads live: a folder (default: the weights
+    /// dir) or s3://bucket/prefix (endpoint, region and credentials from AWS_ENDPOINT_URL,
+    /// AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
+    #[arg(long, env = "CNNSERVE_MODEL_STORE")]
+    pub model_store: Option<String>,
+    /// all: serve and train; api: serve and queue jobs, never train; worker: train, and answer
+    /// only /health, /ping and /metrics. api and worker need a shared --database-url.
+    #[arg(long, default_value_t = Role::All, env = "CNNSERVE_ROLE", value_parser = named::<Role>(Role::ALL.map(Role::name)))]
+    pub role: Role,
+    /// This replica's name in job claims (default: hostname:port); unique among replicas.
+    #[arg(long, env = "CNNSERVE_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// Seconds a replica's claim on a running job holds without a heartbeat; a replica that
+    /// dies loses its job (failed) this long after.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600), env = "CNNSERVE_JOB_LEASE")]
+    pub job_lease: u64,
     /// Arithmetic of the forward passes: f32 (exact; the CPU's only one in this build), or
     /// tf32 / bf16 / f16 where the device has them. A combination the device lacks stops the
     /// start with a message.
@@ -816,26 +837,50 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
     .with_access(access);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let jobs = crate::jobs::JobManager::open(
-        crate::jobs::JobConfig {
-            dir: dir.clone(),
-            max_concurrent_jobs: args.max_concurrent_jobs as usize,
-            training_threads: args.training_threads.unwrap_or(cores / 2).max(1),
-            dataset_limits: crate::train::DatasetLimits {
-                max_pixels: args.max_pixels,
-                // A zip compresses photos little; more than 4x its size unpacked is a bomb.
-                max_total_bytes: args.max_dataset_bytes.saturating_mul(4),
-                ..crate::train::DatasetLimits::default()
-            },
-        },
-        engine.clone(),
-    )
-    .with_context(|| format!("cannot open the job store in {}", dir.display()))?;
-    let state = state.with_jobs(jobs.clone());
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
-    let grpc_listener = match args.grpc_addr.0 {
+    let replica = match &args.replica_id {
+        Some(id) => id.clone(),
+        None => format!("{}:{}", hostname(), listener.local_addr()?.port()),
+    };
+    let role = args.role;
+    let config = crate::jobs::JobConfig {
+        dir: dir.clone(),
+        max_concurrent_jobs: args.max_concurrent_jobs as usize,
+        training_threads: args.training_threads.unwrap_or(cores / 2).max(1),
+        dataset_limits: crate::train::DatasetLimits {
+            max_pixels: args.max_pixels,
+            // A zip compresses photos little; more than 4x its size unpacked is a bomb.
+            max_total_bytes: args.max_dataset_bytes.saturating_mul(4),
+            ..crate::train::DatasetLimits::default()
+        },
+        database_url: args.database_url.clone(),
+        model_store: args.model_store.clone(),
+        train: role != Role::Api,
+        serve: role != Role::Worker,
+        replica: replica.clone(),
+        lease: std::time::Duration::from_secs(args.job_lease),
+    };
+    let opened = {
+        let engine = engine.clone();
+        tokio::task::spawn_blocking(move || crate::jobs::JobManager::open(config, engine)).await?
+    };
+    let jobs = opened.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the job store: {}",
+            error_report(&anyhow::Error::from(e))
+        )
+    })?;
+    let (database, model_store) = jobs.describe_stores();
+    let state = state.with_jobs(jobs.clone()).with_role(role.name());
+    // A worker serves no model: no gRPC.
+    let grpc_addr = if role == Role::Worker {
+        None
+    } else {
+        args.grpc_addr.0
+    };
+    let grpc_listener = match grpc_addr {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!("cannot listen for gRPC on {addr} (--grpc-addr; an empty one turns gRPC off)")
         })?),
@@ -847,7 +892,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     // Before anything says it listens: a SIGTERM from then on is a graceful stop.
     let signal = server::shutdown_signal();
-    tracing::info!(addr = %listener.local_addr()?, grpc_addr = %grpc_addr, weights_dir = %dir.display(), api_key, cors_allow_origins = %cors, "listening");
+    tracing::info!(addr = %listener.local_addr()?, grpc_addr = %grpc_addr, weights_dir = %dir.display(), role = role.name(), %replica, %database, %model_store, api_key, cors_allow_origins = %cors, "listening");
     // HTTP and gRPC stop on the same signal.
     let stop = tokio_util::sync::CancellationToken::new();
     let grpc = grpc_listener.map(|listener| {
@@ -892,6 +937,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if report.loaded.is_empty() && report.unchanged.is_empty() {
             tracing::error!("no model could be loaded: see the warnings above");
         }
+        // Every replica's pretrained weights must be the ones the others use; then the
+        // registry's fine-tuned heads are served.
+        if let Err(e) = starter.check_pretrained() {
+            tracing::error!(error = %e, "cannot check the pretrained weights against the job store");
+        }
+        if let Err(e) = starter.sync_models() {
+            tracing::error!(error = %e, "cannot load the registered models");
+        }
         // Queued jobs (from before a restart, too) need their base models: start after loading.
         if let Err(e) = starter.start() {
             tracing::error!(error = %e, "cannot start the training threads");
@@ -921,6 +974,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("a training job did not stop in time");
     }
     Ok(())
+}
+
+/// This machine's name, for the default replica id.
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "cnnserve".into())
 }
 
 pub fn forward(args: &ForwardArgs) -> anyhow::Result<()> {

@@ -48,14 +48,16 @@ fn app(dir: &std::path::Path, max_dataset_bytes: u64, start: bool) -> App {
     assert!(report.failed.is_empty(), "{report:?}");
     let jobs = JobManager::open(
         JobConfig {
-            dir: dir.to_path_buf(),
-            max_concurrent_jobs: 1,
-            training_threads: 1,
             dataset_limits: DatasetLimits::default(),
+            database_url: common::job_database(dir),
+            replica: "api-jobs-test".into(),
+            ..JobConfig::new(dir)
         },
         engine.clone(),
     )
     .unwrap();
+    jobs.check_pretrained().unwrap();
+    jobs.sync_models().unwrap();
     if start {
         jobs.start().unwrap();
     }
@@ -561,13 +563,19 @@ async fn a_restart_keeps_finished_jobs_runs_queued_ones_and_fails_interrupted_on
     )
     .await;
     let queued = queued["job_id"].as_str().unwrap().to_string();
-    let store = cnnserve::jobs::store::Store::open(&dir.path().join("jobs.sqlite")).unwrap();
+    let url = common::job_database(dir.path())
+        .unwrap_or_else(|| format!("sqlite:{}", dir.path().join("jobs.sqlite").display()));
+    let store = cnnserve::jobs::store::open(&url).unwrap();
     let mut crashed = store.get(&done).unwrap().unwrap();
     crashed.job_id = "crashed00001".into();
-    crashed.status = cnnserve::jobs::Status::Running;
+    crashed.name = "crashed".into();
+    crashed.status = cnnserve::jobs::Status::Queued;
     crashed.finished_at = None;
     crashed.result = None;
-    store.put(&crashed).unwrap();
+    store.create(&crashed).unwrap();
+    crashed.status = cnnserve::jobs::Status::Running;
+    store.update(&crashed, None).unwrap();
+    drop(store);
     std::fs::write(dir.path().join(".crashed.safetensors.tmp-1-0"), b"half").unwrap();
     drop(second);
 

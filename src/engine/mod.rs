@@ -596,8 +596,8 @@ impl Engine {
         Ok(classifier)
     }
 
-    /// Brings the registry in line with `dir`: new and changed files are loaded, models whose file
-    /// is gone are removed, unchanged ones are kept as they are. Blocking: seconds per model.
+    /// Brings the served models in line with `dir`: new and changed files are loaded, models whose
+    /// file is gone are removed, unchanged ones are kept as they are. Blocking: seconds per model.
     pub fn reload(&self, dir: &Path) -> ReloadReport {
         let mut report = ReloadReport::default();
         let found = match scan(dir) {
@@ -676,10 +676,12 @@ impl Engine {
                 }
             }
         }
-        for name in self.model_names() {
-            if !wanted.contains(&name) {
-                self.remove(&name);
-                report.removed.push(name);
+        // Models from elsewhere (heads fetched from an object store) are not this scan's to drop.
+        for model in self.models() {
+            let from_dir = model.file.parent() == Some(dir);
+            if from_dir && !wanted.contains(&model.name) {
+                self.remove(&model.name);
+                report.removed.push(model.name.clone());
             }
         }
         self.inner

@@ -1,13 +1,21 @@
-//! Fine-tuning jobs: a queue, training threads, and a store that outlives the process.
+//! Fine-tuning jobs: a queue, training threads, and the stores that outlive the process.
 //!
-//! [`JobManager`] is a cheap `Clone` handle. Every state change is written to SQLite first, then
-//! to memory, then announced to subscribers. Training runs on dedicated threads inside a small
-//! thread pool, so `/predict` keeps cores to itself while a job runs. A finished model is saved
-//! atomically into the weights dir and swapped into the engine at once.
+//! [`JobManager`] is a cheap `Clone` handle over three things: a [`store::JobStore`] (jobs and the
+//! model registry: SQLite by default, PostgreSQL for replicas), a [`model_store::ModelStore`]
+//! (heads, uploads and gallery pictures: a folder by default, S3 for replicas), and this
+//! process's share of the work: the jobs it runs, as fresh as their last step.
+//!
+//! A job is queued in the store; a training thread of any replica that trains claims it with a
+//! lease its heartbeat renews. Every change of a running job goes through one place
+//! ([`JobManager::update`]), which writes memory, the store and the event stream together. A
+//! finished job's commit point is one transaction: the job recorded as succeeded and its model
+//! registered. Other replicas follow the store (a watcher polls what changed): they serve a
+//! new model within a second or two, fail jobs whose lease ran out, and relay job events.
 
+pub mod model_store;
 pub mod store;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -22,7 +30,9 @@ use crate::metrics::{JobLabels, Metrics};
 use crate::train::dataset::Skipped;
 use crate::train::fit::{EpochMetrics, Evaluation, Example, Phase, Progress};
 use crate::train::{self, Dataset, DatasetLimits, Event, Params, TrainError};
-use store::{Store, StoreError};
+use crate::weights::finetuned::FineTunedMeta;
+use model_store::{ModelStore, ModelStoreError};
+use store::{CancelOutcome, JobStore, ModelRecord, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -140,34 +150,116 @@ pub enum JobError {
     Conflict(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    ModelStore(#[from] ModelStoreError),
+    #[error(transparent)]
+    Model(#[from] crate::engine::EngineError),
     #[error("job files: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What a replica does: `all` (serve and train; one process), `api` (serve and queue jobs,
+/// never train) or `worker` (train; answer only health and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    All,
+    Api,
+    Worker,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::All, Role::Api, Role::Worker];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Api => "api",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| format!("unknown role `{s}` (known: all, api, worker)"))
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct JobConfig {
-    /// The weights dir: models are written here, and jobs live in `jobs.sqlite` and `jobs/`.
+    /// The weights dir: pretrained weights, and by default the job database (`jobs.sqlite`) and
+    /// the model store. Uploads are staged in `jobs/` here before they go to the model store.
     pub dir: PathBuf,
     pub max_concurrent_jobs: usize,
     /// Threads one training may use; the rest stay free for inference.
     pub training_threads: usize,
     pub dataset_limits: DatasetLimits,
+    /// `sqlite:<path>` or `postgres://…`; `None`: `jobs.sqlite` in `dir`.
+    pub database_url: Option<String>,
+    /// A folder or `s3://bucket/prefix`; `None`: `dir`.
+    pub model_store: Option<String>,
+    /// Whether this process trains (roles `all` and `worker`); otherwise it only queues.
+    pub train: bool,
+    /// Whether this process serves fine-tuned models (roles `all` and `api`).
+    pub serve: bool,
+    /// This replica's name in the store's claims: unique among live replicas.
+    pub replica: String,
+    /// How long a claim holds without a heartbeat.
+    pub lease: Duration,
 }
 
+impl JobConfig {
+    /// One process, everything in `dir`: the defaults of `cnnserve serve`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            max_concurrent_jobs: 1,
+            training_threads: 1,
+            dataset_limits: DatasetLimits::default(),
+            database_url: None,
+            model_store: None,
+            train: true,
+            serve: true,
+            replica: format!(
+                "replica-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+            lease: DEFAULT_LEASE,
+        }
+    }
+}
+
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// The size the recipe resizes to before anything else.
 pub const IMAGE_SIZE: (u32, u32) = (256, 256);
 const EXAMPLE_THUMBNAIL: u32 = 128;
-/// Progress is kept in memory at every step but written to disk at most this often.
+/// Progress is kept in memory at every step but written to the store at most this often.
 const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a shared store is polled for other replicas' changes.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// Where heads fetched from an object store are kept, inside the weights dir.
+const MODEL_CACHE: &str = ".model-cache";
 
 struct State {
-    jobs: BTreeMap<String, Job>,
-    queue: VecDeque<String>,
-    /// Validated data sets of queued jobs, so that they are not decoded twice.
+    /// Jobs this process runs, as fresh as their last step.
+    running: HashMap<String, Job>,
+    /// Validated data sets of jobs submitted here, so that a job this process claims is not
+    /// decoded twice.
     datasets: HashMap<String, Dataset>,
     cancel: HashMap<String, Arc<AtomicBool>>,
-    /// Running jobs past their commit point: trained, not cancelled, now saving and publishing
-    /// their model. A cancel of one of these is answered 409.
+    /// Running jobs past their commit point: trained, not cancelled, now saving and publishing.
     publishing: HashSet<String>,
     shutting_down: bool,
 }
@@ -220,12 +312,15 @@ struct Shared {
     config: JobConfig,
     engine: Engine,
     metrics: Arc<Metrics>,
-    store: Mutex<Store>,
+    store: Arc<dyn JobStore>,
+    models: Arc<dyn ModelStore>,
     state: Mutex<State>,
     wake: Condvar,
     events: broadcast::Sender<JobEvent>,
     pool: rayon::ThreadPool,
     gate: Gate,
+    /// Stops the watcher and heartbeat thread (and wakes it).
+    stopped: (Mutex<bool>, Condvar),
 }
 
 #[derive(Clone)]
@@ -233,31 +328,51 @@ pub struct JobManager {
     shared: Arc<Shared>,
 }
 
+fn dataset_key(id: &str) -> String {
+    format!("jobs/{id}/dataset.zip")
+}
+
+fn staged_key(id: &str, file: &str) -> String {
+    format!("jobs/{id}/model/{file}")
+}
+
+fn example_key(id: &str, n: usize) -> String {
+    format!("jobs/{id}/examples/{n}.png")
+}
+
 impl JobManager {
-    /// Opens the job store in `config.dir`: jobs that were running when the last process ended
-    /// are marked failed, queued ones are queued again. Nothing runs before [`JobManager::start`]
-    /// (the server calls it once the models are loaded, so that queued jobs find their base).
+    /// Opens the stores: jobs this replica left running are marked failed (every running job,
+    /// with SQLite: one process owns it), staged files are settled, and fine-tuned heads found in
+    /// the model store but not registered are registered. Nothing runs before
+    /// [`JobManager::start`] (the server calls it once the models are loaded, so that queued jobs
+    /// find their base).
     pub fn open(config: JobConfig, engine: Engine) -> Result<Self, JobError> {
         std::fs::create_dir_all(config.dir.join("jobs"))?;
-        let store = Store::open(&config.dir.join("jobs.sqlite"))?;
-        let mut jobs = BTreeMap::new();
-        let mut queue = VecDeque::new();
-        for mut job in store.all()? {
-            match job.status {
-                Status::Running => {
-                    job.status = Status::Failed;
-                    job.finished_at = Some(Utc::now());
-                    job.error =
-                        Some("interrupted: the server stopped while this job was running".into());
-                    store.put(&job)?;
-                }
-                Status::Queued => queue.push_back(job.job_id.clone()),
-                _ => {}
-            }
-            jobs.insert(job.job_id.clone(), job);
+        let url = config
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite:{}", config.dir.join("jobs.sqlite").display()));
+        let store = store::open(&url)?;
+        let models = match &config.model_store {
+            Some(location) => model_store::open(location)?,
+            None => model_store::open(&config.dir.to_string_lossy())?,
+        };
+        if !store.is_shared() && !(config.train && config.serve) {
+            return Err(JobError::Config(format!(
+                "a replica that only serves or only trains needs a database other replicas \
+                 share: --database-url postgres://… (not {})",
+                store.describe()
+            )));
+        }
+        let reason = "interrupted: the server stopped while this job was running";
+        let owner = store.is_shared().then_some(config.replica.as_str());
+        for job in store.fail_running(owner, reason)? {
+            tracing::info!(job = %job.job_id, "marked failed: it was running when this replica stopped");
+        }
+        for job in store.expire()? {
+            tracing::info!(job = %job.job_id, "marked failed: its replica stopped renewing its lease");
         }
         remove_temporaries(&config.dir);
-        recover(&config.dir, &jobs);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.training_threads.max(1))
             .thread_name(|i| format!("train-{i}"))
@@ -270,10 +385,10 @@ impl JobManager {
                 config,
                 engine,
                 metrics,
-                store: Mutex::new(store),
+                store,
+                models,
                 state: Mutex::new(State {
-                    jobs,
-                    queue,
+                    running: HashMap::new(),
                     datasets: HashMap::new(),
                     cancel: HashMap::new(),
                     publishing: HashSet::new(),
@@ -283,24 +398,33 @@ impl JobManager {
                 events,
                 pool,
                 gate: Gate::default(),
+                stopped: (Mutex::new(false), Condvar::new()),
             }),
         };
+        manager.recover()?;
         manager.update_gauges();
         Ok(manager)
     }
 
-    /// Starts the training threads.
+    /// Starts the training threads (when this replica trains) and the thread that renews leases,
+    /// fails expired ones and follows other replicas' changes.
     pub fn start(&self) -> Result<(), JobError> {
-        for i in 0..self.shared.config.max_concurrent_jobs.max(1) {
-            let worker = self.clone();
-            std::thread::Builder::new()
-                .name(format!("jobs-{i}"))
-                .spawn(move || worker.work())?;
+        if self.shared.config.train {
+            for i in 0..self.shared.config.max_concurrent_jobs.max(1) {
+                let worker = self.clone();
+                std::thread::Builder::new()
+                    .name(format!("jobs-{i}"))
+                    .spawn(move || worker.work())?;
+            }
         }
+        let watcher = self.clone();
+        std::thread::Builder::new()
+            .name("jobs-watch".into())
+            .spawn(move || watcher.watch())?;
         Ok(())
     }
 
-    /// A fresh job id and the folder its upload goes to.
+    /// A fresh job id and the local folder its upload is staged in.
     pub fn new_job_dir(&self) -> Result<(String, PathBuf), JobError> {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let dir = self.job_dir(&id);
@@ -312,7 +436,7 @@ impl JobManager {
         self.shared.config.dir.join("jobs").join(id)
     }
 
-    /// The uploaded data set of a job.
+    /// Where the uploaded data set of a job is staged on this machine.
     pub fn dataset_path(&self, id: &str) -> PathBuf {
         self.job_dir(id).join("dataset.zip")
     }
@@ -321,21 +445,29 @@ impl JobManager {
         &self.shared.config
     }
 
+    /// The job database and the model store, as `/info` shows them.
+    pub fn describe_stores(&self) -> (String, String) {
+        (self.shared.store.describe(), self.shared.models.describe())
+    }
+
     /// True when a model of this name exists or a job that has not finished will write one.
     pub fn name_taken(&self, name: &str) -> bool {
-        let state = self.shared.state.lock().expect("job state lock");
-        self.taken_in(&state, name)
-    }
-
-    fn taken_in(&self, state: &State, name: &str) -> bool {
         self.shared.engine.get(name).is_some()
-            || state
-                .jobs
-                .values()
-                .any(|j| j.name == name && !j.status.is_finished())
+            || self.list().is_ok_and(|jobs| {
+                jobs.iter()
+                    .any(|j| j.name == name && !j.status.is_finished())
+            })
+            || self
+                .shared
+                .store
+                .models()
+                .is_ok_and(|models| models.iter().any(|m| m.name == name))
     }
 
-    /// Queues a job whose data set was validated already.
+    /// Queues a job whose data set was validated already (and is staged at
+    /// [`JobManager::dataset_path`]): the upload goes to the model store, then the job to the
+    /// job store, whose unique index on unfinished jobs' names decides between uploads racing
+    /// for one name, on any replica.
     pub fn submit(
         &self,
         id: String,
@@ -369,105 +501,123 @@ impl JobManager {
             result: None,
             error: None,
         };
-        {
-            // The name is reserved where the job is queued, under one lock: of concurrent
-            // uploads with one name, exactly one gets here first. The store's unique index on
-            // unfinished jobs' names is the same rule on disk.
+        if self.shared.engine.get(&job.name).is_some() {
+            return Err(JobError::Conflict(name_taken_message(&job.name)));
+        }
+        let local = self.dataset_path(&id);
+        self.shared.models.put_file(&dataset_key(&id), &local)?;
+        if self.shared.config.train {
+            // Kept for this process's training threads, should they claim it.
             let mut state = self.shared.state.lock().expect("job state lock");
-            if self.taken_in(&state, &job.name) {
-                return Err(JobError::Conflict(name_taken_message(&job.name)));
-            }
-            match self.store(&job) {
-                Err(JobError::Store(StoreError::NameTaken(_))) => {
-                    return Err(JobError::Conflict(name_taken_message(&job.name)))
-                }
-                other => other?,
-            }
-            state.jobs.insert(id.clone(), job.clone());
             state.datasets.insert(id.clone(), dataset);
-            state.queue.push_back(id);
+        }
+        match self.shared.store.create(&job) {
+            Ok(()) => {}
+            Err(e) => {
+                self.shared
+                    .state
+                    .lock()
+                    .expect("job state lock")
+                    .datasets
+                    .remove(&id);
+                let _ = self.shared.models.delete_prefix(&format!("jobs/{id}"));
+                return Err(match e {
+                    StoreError::NameTaken(_) => JobError::Conflict(name_taken_message(&job.name)),
+                    other => other.into(),
+                });
+            }
+        }
+        if self.shared.models.local_path(&dataset_key(&id)).as_deref() != Some(local.as_path()) {
+            // The store has it; this machine's copy was only staging.
+            let _ = std::fs::remove_dir_all(self.job_dir(&id));
         }
         self.shared.wake.notify_one();
         self.update_gauges();
         Ok(job)
     }
 
-    pub fn get(&self, id: &str) -> Option<Job> {
+    /// A job as this replica knows it best: its own running jobs from memory (fresher than the
+    /// store between writes), others from the store.
+    pub fn get(&self, id: &str) -> Result<Option<Job>, JobError> {
+        if let Some(job) = self.running(id) {
+            return Ok(Some(job));
+        }
+        Ok(self.shared.store.get(id)?)
+    }
+
+    fn running(&self, id: &str) -> Option<Job> {
         let state = self.shared.state.lock().expect("job state lock");
-        state.jobs.get(id).cloned()
+        state.running.get(id).cloned()
     }
 
     /// Every job, newest first.
-    pub fn list(&self) -> Vec<Job> {
-        let state = self.shared.state.lock().expect("job state lock");
-        let mut jobs: Vec<Job> = state.jobs.values().cloned().collect();
+    pub fn list(&self) -> Result<Vec<Job>, JobError> {
+        let mut jobs = self.shared.store.all()?;
+        {
+            let state = self.shared.state.lock().expect("job state lock");
+            for job in &mut jobs {
+                if let Some(fresh) = state.running.get(&job.job_id) {
+                    *job = fresh.clone();
+                }
+            }
+        }
         jobs.sort_by(|a, b| {
             b.created_at
                 .cmp(&a.created_at)
                 .then(b.job_id.cmp(&a.job_id))
         });
-        jobs
+        Ok(jobs)
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
         self.shared.events.subscribe()
     }
 
-    /// Cancels a queued job at once, a running one at its next training step.
+    /// Cancels a queued job at once, a running one at its next training step (on whichever
+    /// replica runs it: at once here, within a heartbeat elsewhere).
     pub fn cancel(&self, id: &str) -> Result<Job, JobError> {
-        let mut state = self.shared.state.lock().expect("job state lock");
-        let job = state
-            .jobs
-            .get(id)
-            .cloned()
-            .ok_or_else(|| JobError::NotFound(id.to_string()))?;
-        match job.status {
-            Status::Queued => {
-                state.queue.retain(|q| q != id);
-                state.datasets.remove(id);
-                drop(state);
-                let mut job = job;
-                job.status = Status::Cancelled;
-                job.finished_at = Some(Utc::now());
-                job.error = Some("cancelled before it started".into());
-                self.finish(job.clone(), None)?;
-                Ok(job)
+        match self.shared.store.cancel(id)? {
+            CancelOutcome::NotFound => Err(JobError::NotFound(id.to_string())),
+            CancelOutcome::Cancelled(job) => {
+                self.shared
+                    .state
+                    .lock()
+                    .expect("job state lock")
+                    .datasets
+                    .remove(id);
+                self.update_gauges();
+                let _ = self.shared.events.send(JobEvent::Done { job: job.clone() });
+                Ok(*job)
             }
-            // Decided under the state lock, as the commit point is: either the job has not
-            // committed and will stop, or it has and the cancel is refused.
-            Status::Running if state.publishing.contains(id) => Err(JobError::Conflict(format!(
-                "job {id} has finished training and is saving its model: too late to cancel"
-            ))),
-            Status::Running => {
+            CancelOutcome::Requested(job) => {
+                let state = self.shared.state.lock().expect("job state lock");
                 if let Some(flag) = state.cancel.get(id) {
                     flag.store(true, Ordering::Relaxed);
                 }
-                Ok(job)
+                Ok(state.running.get(id).cloned().unwrap_or(*job))
             }
-            status => Err(JobError::Conflict(format!(
+            CancelOutcome::TooLate(_) => Err(JobError::Conflict(format!(
+                "job {id} has finished training and is saving its model: too late to cancel"
+            ))),
+            CancelOutcome::Finished(job) => Err(JobError::Conflict(format!(
                 "job {id} already {}: nothing to cancel",
-                status.as_str()
+                job.status.as_str()
             ))),
         }
     }
 
     /// Forgets a finished job and deletes its uploaded data and pictures (not its model).
     pub fn purge(&self, id: &str) -> Result<Job, JobError> {
-        let mut state = self.shared.state.lock().expect("job state lock");
-        let job = state
-            .jobs
-            .get(id)
-            .cloned()
+        let job = self
+            .get(id)?
             .ok_or_else(|| JobError::NotFound(id.to_string()))?;
-        if !job.status.is_finished() {
+        if !job.status.is_finished() || !self.shared.store.delete(id)? {
             return Err(JobError::Conflict(format!(
                 "job {id} is {}: cancel it first",
                 job.status.as_str()
             )));
         }
-        self.shared.store.lock().expect("store lock").delete(id)?;
-        state.jobs.remove(id);
-        drop(state);
+        self.shared.models.delete_prefix(&format!("jobs/{id}"))?;
         let dir = self.job_dir(id);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
@@ -476,16 +626,39 @@ impl JobManager {
         Ok(job)
     }
 
-    /// The thumbnail of example `n` of a succeeded job.
-    pub fn example_path(&self, id: &str, n: usize) -> Option<PathBuf> {
-        // Only ids we issued become paths: a crafted one (`..`) must not reach other folders.
-        self.get(id)?;
-        let path = self.job_dir(id).join("examples").join(format!("{n}.png"));
-        path.is_file().then_some(path)
+    /// The thumbnail (PNG) of example `n` of a succeeded job.
+    pub fn example(&self, id: &str, n: usize) -> Result<Option<Vec<u8>>, JobError> {
+        // Only ids we issued become keys: a crafted one (`..`) must not reach other objects.
+        if self.get(id)?.is_none() {
+            return Ok(None);
+        }
+        Ok(self.shared.models.get(&example_key(id, n))?)
     }
 
-    /// Stops for good: queued jobs stay queued (they run at the next start); a running one is
-    /// stopped and marked failed, so that nothing is left half done.
+    /// Deletes a fine-tuned model on every replica: its weights, its metadata, then its
+    /// registration (the commit point: a crash before it leaves a registered model without
+    /// weights, which the next start unregisters).
+    pub fn delete_model(&self, name: &str) -> Result<Arc<Classifier>, JobError> {
+        let engine = &self.shared.engine;
+        let classifier = engine
+            .get(name)
+            .ok_or_else(|| JobError::NotFound(format!("no model `{name}`")))?;
+        if classifier.kind != ModelKind::FineTuned {
+            return Err(JobError::Model(crate::engine::EngineError::NotDeletable(
+                name.to_string(),
+            )));
+        }
+        engine.remove(name);
+        let models = &self.shared.models;
+        models.delete(&format!("{name}.safetensors"))?;
+        models.delete(&format!("{name}.json"))?;
+        self.shared.store.unregister(name)?;
+        let _ = std::fs::remove_file(self.cache_path(name));
+        Ok(classifier)
+    }
+
+    /// Stops for good: queued jobs stay queued (they run at the next start, or on another
+    /// replica); a running one is stopped and marked failed, so that nothing is left half done.
     pub fn shutdown(&self) {
         let mut state = self.shared.state.lock().expect("job state lock");
         state.shutting_down = true;
@@ -494,6 +667,8 @@ impl JobManager {
         }
         drop(state);
         self.shared.wake.notify_all();
+        *self.shared.stopped.0.lock().expect("stop lock") = true;
+        self.shared.stopped.1.notify_all();
         let _ = self.shared.events.send(JobEvent::Shutdown);
     }
 
@@ -516,15 +691,16 @@ impl JobManager {
         }
     }
 
-    fn store(&self, job: &Job) -> Result<(), JobError> {
-        self.shared.store.lock().expect("store lock").put(job)?;
-        Ok(())
-    }
-
     fn update_gauges(&self) {
-        let state = self.shared.state.lock().expect("job state lock");
+        let jobs = match self.shared.store.all() {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count jobs");
+                return;
+            }
+        };
         for status in Status::ALL {
-            let n = state.jobs.values().filter(|j| j.status == status).count();
+            let n = jobs.iter().filter(|j| j.status == status).count();
             self.shared
                 .metrics
                 .jobs
@@ -535,53 +711,52 @@ impl JobManager {
         }
     }
 
-    /// Records a finished job, publishes its model, and tells subscribers. The store's row is the
-    /// commit point: a crash before it leaves a failed job and no model (the staged files are
-    /// removed at the next start), a crash after it a succeeded job whose staged files the next
-    /// start moves into place.
-    fn finish(&self, job: Job, staged: Option<Classifier>) -> Result<(), JobError> {
-        self.store(&job)?;
-        if let Some(classifier) = staged {
-            crate::crash::point("committed");
-            self.publish(&job.job_id, classifier)?;
-        }
-        {
-            let mut state = self.shared.state.lock().expect("job state lock");
-            state.jobs.insert(job.job_id.clone(), job.clone());
-        }
-        self.update_gauges();
-        let _ = self
-            .shared
-            .events
-            .send(JobEvent::Done { job: Box::new(job) });
-        Ok(())
-    }
-
-    /// A training thread: takes queued jobs one at a time until shutdown.
+    /// A training thread: claims queued jobs one at a time until shutdown.
     fn work(&self) {
         loop {
-            let next = {
-                let mut state = self.shared.state.lock().expect("job state lock");
-                loop {
+            {
+                let state = self.shared.state.lock().expect("job state lock");
+                if state.shutting_down {
+                    return;
+                }
+            }
+            let claimed = self
+                .shared
+                .store
+                .claim(&self.shared.config.replica, self.shared.config.lease);
+            let job = match claimed {
+                Ok(Some(job)) => job,
+                Ok(None) => {
+                    // Woken by a submit here at once; jobs queued elsewhere are seen on the
+                    // next poll.
+                    let state = self.shared.state.lock().expect("job state lock");
                     if state.shutting_down {
                         return;
                     }
-                    if let Some(id) = state.queue.pop_front() {
-                        let dataset = state.datasets.remove(&id);
-                        let flag = Arc::new(AtomicBool::new(false));
-                        state.cancel.insert(id.clone(), flag.clone());
-                        break (id, dataset, flag);
-                    }
-                    state = self.shared.wake.wait(state).expect("job state lock");
+                    let _ = self.shared.wake.wait_timeout(state, WATCH_INTERVAL);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot claim a job");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
                 }
             };
-            let (id, dataset, cancel) = next;
-            if let Err(e) = self.run(&id, dataset, &cancel) {
+            let id = job.job_id.clone();
+            let (dataset, cancel) = {
+                let mut state = self.shared.state.lock().expect("job state lock");
+                let flag = Arc::new(AtomicBool::new(state.shutting_down));
+                state.cancel.insert(id.clone(), flag.clone());
+                state.running.insert(id.clone(), job.clone());
+                (state.datasets.remove(&id), flag)
+            };
+            if let Err(e) = self.run(job, dataset, &cancel) {
                 tracing::error!(job = %id, error = %e, "could not record the job's state");
             }
             let mut state = self.shared.state.lock().expect("job state lock");
             state.cancel.remove(&id);
             state.publishing.remove(&id);
+            state.running.remove(&id);
         }
     }
 
@@ -606,13 +781,22 @@ impl JobManager {
         state.waiting -= 1;
     }
 
-    /// The commit point of a job: from here its model is saved and published, and a cancel is
-    /// answered 409; before it, a cancel stops the job with nothing published.
+    /// The commit point's first half: from here the job's model is saved and published, and a
+    /// cancel is answered 409; before it, a cancel stops the job with nothing published. Decided
+    /// by the store, so that a cancel sent to another replica meets the same rule.
     fn commit(&self, id: &str, cancel: &AtomicBool) -> Result<(), TrainError> {
         self.checkpoint(Checkpoint::BeforeCommit);
         {
             let mut state = self.shared.state.lock().expect("job state lock");
             if cancel.load(Ordering::Relaxed) {
+                return Err(TrainError::Cancelled);
+            }
+            let publishing = self
+                .shared
+                .store
+                .start_publishing(id, &self.shared.config.replica)
+                .map_err(|e| TrainError::Io(std::io::Error::other(e.to_string())))?;
+            if !publishing {
                 return Err(TrainError::Cancelled);
             }
             state.publishing.insert(id.to_string());
@@ -621,16 +805,17 @@ impl JobManager {
         Ok(())
     }
 
-    fn run(&self, id: &str, dataset: Option<Dataset>, cancel: &AtomicBool) -> Result<(), JobError> {
-        let Some(mut job) = self.get(id) else {
-            return Ok(());
-        };
-        job.status = Status::Running;
-        job.started_at = Some(Utc::now());
+    fn run(
+        &self,
+        mut job: Job,
+        dataset: Option<Dataset>,
+        cancel: &AtomicBool,
+    ) -> Result<(), JobError> {
+        let id = job.job_id.clone();
         let reading = Progress::phase(Phase::Reading, job.params.epochs);
         self.set_progress(&mut job, reading, true)?;
         self.update_gauges();
-        tracing::info!(job = %id, name = %job.name, base = %job.base_model, "training started");
+        tracing::info!(job = %id, name = %job.name, base = %job.base_model, replica = %self.shared.config.replica, "training started");
 
         let outcome = self.train(&mut job, dataset, cancel);
         job.finished_at = Some(Utc::now());
@@ -665,11 +850,62 @@ impl JobManager {
         }
         tracing::info!(job = %id, status = job.status.as_str(), error = ?job.error, "training finished");
         if job.status != Status::Succeeded {
-            let _ = std::fs::remove_dir_all(self.staging_dir(id));
+            self.remove_staged(&id);
             // Final figures: where it stopped, nothing left to wait for.
             job.progress = job.progress.take().map(|p| Progress { eta_s: 0.0, ..p });
         }
         self.finish(job, staged)
+    }
+
+    fn remove_staged(&self, id: &str) {
+        let _ = std::fs::remove_dir_all(self.staging_dir(id));
+        let _ = self
+            .shared
+            .models
+            .delete_prefix(&format!("jobs/{id}/model"));
+    }
+
+    /// Records a finished job, publishes its model, and tells subscribers. The store's
+    /// transaction (the job recorded, its model registered) is the commit point: a crash before
+    /// it leaves a failed job and no model (the staged files are removed at the next start), a
+    /// crash after it a succeeded job whose staged files the next start moves into place.
+    fn finish(&self, job: Job, staged: Option<Classifier>) -> Result<(), JobError> {
+        let record = staged
+            .as_ref()
+            .and_then(|c| c.meta.clone())
+            .map(|meta| ModelRecord {
+                name: meta.name.clone(),
+                job_id: Some(job.job_id.clone()),
+                meta,
+            });
+        let owner = &self.shared.config.replica;
+        match self.shared.store.finish(&job, owner, record.as_ref()) {
+            Ok(()) => {}
+            Err(StoreError::LeaseLost(_)) => {
+                // Another replica failed it when our lease ran out: its outcome is recorded.
+                tracing::warn!(job = %job.job_id, "the job's lease ran out before it finished: its result is dropped");
+                self.remove_staged(&job.job_id);
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        // Recorded: from now on the store's copy is the job's, for every reader.
+        self.shared
+            .state
+            .lock()
+            .expect("job state lock")
+            .running
+            .remove(&job.job_id);
+        if let Some(classifier) = staged {
+            crate::crash::point("committed");
+            self.publish(&job.job_id, classifier)?;
+        }
+        self.update_gauges();
+        let _ = self
+            .shared
+            .events
+            .send(JobEvent::Done { job: Box::new(job) });
+        Ok(())
     }
 
     fn train(
@@ -681,11 +917,20 @@ impl JobManager {
         let id = job.job_id.clone();
         let dataset = match dataset {
             Some(d) => d,
-            None => train::dataset::load(
-                &self.dataset_path(&id),
-                &self.shared.config.dataset_limits,
-                IMAGE_SIZE,
-            )?,
+            None => {
+                let local = self.dataset_path(&id);
+                let found = self
+                    .shared
+                    .models
+                    .fetch(&dataset_key(&id), &local)
+                    .map_err(std::io::Error::from)?;
+                if !found {
+                    return Err(TrainError::Io(std::io::Error::other(format!(
+                        "the upload of job {id} is not in the model store"
+                    ))));
+                }
+                train::dataset::load(&local, &self.shared.config.dataset_limits, IMAGE_SIZE)?
+            }
         };
         let base = self
             .shared
@@ -723,6 +968,8 @@ impl JobManager {
                     last_write = Instant::now();
                 }
                 if let Err(e) = self.update(job, message, persist) {
+                    // A lost lease ends the job: another replica has failed it.
+                    cancel.store(true, Ordering::Relaxed);
                     write_error.get_or_insert(e);
                 }
             };
@@ -730,17 +977,18 @@ impl JobManager {
             let arch = base.arch;
             self.shared
                 .pool
-                .install(|| train::fit(&network, arch, &dataset, &params, &mut on_event, cancel))?
+                .install(|| train::fit(&network, arch, &dataset, &params, &mut on_event, cancel))
         };
         if let Some(e) = write_error {
             return Err(TrainError::Io(std::io::Error::other(e.to_string())));
         }
+        let trained = trained?;
         self.commit(&id, cancel)?;
         let saving = trained.progress.moved_to(Phase::Saving);
         self.set_progress(job, saving, true)
             .map_err(|e| TrainError::Io(std::io::Error::other(e.to_string())))?;
         // Staged in the job's folder and loaded from there (a model that does not load is a
-        // failed job); moved into the weights dir only once the job is recorded as succeeded.
+        // failed job); moved into place only once the job is recorded as succeeded.
         let staging = self.staging_dir(&id);
         std::fs::create_dir_all(&staging)?;
         let saved = train::output::save(
@@ -753,10 +1001,15 @@ impl JobManager {
             &job.params,
             &staging,
         )?;
+        let models = &self.shared.models;
+        for file in [&saved.weights, &saved.metadata] {
+            let name = file.file_name().unwrap_or_default().to_string_lossy();
+            models
+                .put_file(&staged_key(&id, &name), file)
+                .map_err(std::io::Error::from)?;
+        }
         let classifier = Classifier::fine_tuned(saved.meta, &saved.weights, &base)?;
-        if let Err(err) =
-            write_thumbnails(&self.job_dir(&id), &trained.evaluation.examples, &dataset)
-        {
+        if let Err(err) = self.write_thumbnails(&id, &trained.evaluation.examples, &dataset) {
             tracing::warn!(job = %id, error = %err, "could not write example thumbnails");
         }
         crate::crash::point("staged");
@@ -780,11 +1033,18 @@ impl JobManager {
         }
         {
             let mut state = self.shared.state.lock().expect("job state lock");
-            if let Some(j) = state.jobs.get_mut(&job.job_id) {
+            if let Some(j) = state.running.get_mut(&job.job_id) {
                 *j = job.clone();
             }
         }
-        let stored = if persist { self.store(job) } else { Ok(()) };
+        let stored = if persist {
+            self.shared
+                .store
+                .update(job, Some(&self.shared.config.replica))
+                .map_err(JobError::from)
+        } else {
+            Ok(())
+        };
         let _ = self.shared.events.send(event);
         stored
     }
@@ -802,21 +1062,387 @@ impl JobManager {
         self.update(job, event, persist)
     }
 
-    /// Where a finished job's model files wait for the job to be recorded as succeeded.
+    /// Where a finished job's model files are written on this machine before they are staged in
+    /// the model store (for a folder store, the same place).
     fn staging_dir(&self, id: &str) -> PathBuf {
         self.job_dir(id).join("model")
     }
 
-    /// Moves a succeeded job's staged files into the weights dir (weights first, metadata last:
-    /// a fine-tuned model exists once its `.json` does) and serves the model.
-    fn publish(&self, id: &str, mut classifier: Classifier) -> std::io::Result<()> {
-        let dir = &self.shared.config.dir;
-        let moved = move_staged(&self.staging_dir(id), dir, &classifier.name)?;
-        classifier.file = moved;
-        self.shared.engine.insert(classifier);
-        let _ = std::fs::remove_dir(self.staging_dir(id));
+    /// Moves a succeeded job's staged files into place (weights first, metadata last) and serves
+    /// the model here; other replicas' watchers load it from the registry.
+    fn publish(&self, id: &str, mut classifier: Classifier) -> Result<(), JobError> {
+        move_staged(self.shared.models.as_ref(), id, &classifier.name)?;
+        if let Some(path) = self
+            .shared
+            .models
+            .local_path(&format!("{}.safetensors", classifier.name))
+        {
+            classifier.file = path;
+        } else {
+            // The head stays on this machine as a cached copy of the store's.
+            let cache = self.cache_path(&classifier.name);
+            std::fs::create_dir_all(cache.parent().expect("cache path has a parent"))?;
+            std::fs::rename(&classifier.file, &cache)?;
+            classifier.file = cache;
+        }
+        let _ = std::fs::remove_dir_all(self.staging_dir(id));
+        if self.shared.config.serve {
+            self.shared.engine.insert(classifier);
+        }
         crate::crash::point("published");
         Ok(())
+    }
+
+    fn cache_path(&self, name: &str) -> PathBuf {
+        self.shared
+            .config
+            .dir
+            .join(MODEL_CACHE)
+            .join(format!("{name}.safetensors"))
+    }
+
+    /// Small PNGs of the gallery pictures, as the model saw them (after the resize).
+    fn write_thumbnails(
+        &self,
+        id: &str,
+        examples: &[Example],
+        data: &Dataset,
+    ) -> Result<(), JobError> {
+        for (n, png) in thumbnails(examples, data)? {
+            self.shared.models.put(&example_key(id, n), &png)?;
+        }
+        Ok(())
+    }
+
+    /// At start: staged models of succeeded jobs are moved into place (the crash came after the
+    /// commit point), those of failed and cancelled jobs removed (before it); local upload
+    /// folders with no job (an upload cut off by a crash) are removed; then the registry is
+    /// brought in line with the model store ([`JobManager::reconcile`]).
+    fn recover(&self) -> Result<(), JobError> {
+        let jobs: HashMap<String, Job> = self
+            .shared
+            .store
+            .all()?
+            .into_iter()
+            .map(|j| (j.job_id.clone(), j))
+            .collect();
+        let models = self.shared.models.as_ref();
+        for id in models.folders("jobs")? {
+            let Some(job) = jobs.get(&id) else {
+                continue;
+            };
+            let staged = models.list(&format!("jobs/{id}/model"))?;
+            if staged.is_empty() {
+                continue;
+            }
+            match job.status {
+                Status::Succeeded => {
+                    tracing::info!(job = %id, model = %job.name, "publishing the model of a succeeded job");
+                    move_staged(models, &id, &job.name)?;
+                }
+                Status::Failed | Status::Cancelled => {
+                    tracing::info!(job = %id, "removing the model files of a job that did not succeed");
+                    models.delete_prefix(&format!("jobs/{id}/model"))?;
+                }
+                Status::Queued | Status::Running => {}
+            }
+        }
+        // Local folders: staging of uploads and models, on this machine only.
+        if let Ok(entries) = std::fs::read_dir(self.shared.config.dir.join("jobs")) {
+            for entry in entries.flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                let path = entry.path();
+                match jobs.get(&id) {
+                    None if path.is_dir() && !self.shared.store.is_shared() => {
+                        tracing::info!(job = %id, "removing the upload of a job that was never created");
+                        let _ = std::fs::remove_dir_all(&path);
+                    }
+                    Some(job) if job.status.is_finished() => {
+                        let _ = std::fs::remove_dir_all(path.join("model"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.reconcile()?;
+        Ok(())
+    }
+
+    /// Brings the registry in line with the model store: heads found in the store without a
+    /// registration are registered (put there by hand, or from before the registry), and
+    /// registrations whose weights are gone (a delete cut short) are removed.
+    pub fn reconcile(&self) -> Result<(), JobError> {
+        let models = self.shared.models.as_ref();
+        let store = self.shared.store.as_ref();
+        let keys = models.list("")?;
+        let registered = store.models()?;
+        for record in &registered {
+            if !keys.contains(&format!("{}.safetensors", record.name)) {
+                tracing::info!(model = %record.name, "unregistering a model whose weights are gone");
+                models.delete(&format!("{}.json", record.name))?;
+                store.unregister(&record.name)?;
+            }
+        }
+        for key in &keys {
+            let Some(name) = key.strip_suffix(".json") else {
+                continue;
+            };
+            if registered.iter().any(|r| r.name == name)
+                || !keys.contains(&format!("{name}.safetensors"))
+            {
+                continue;
+            }
+            let Some(bytes) = models.get(key)? else {
+                continue;
+            };
+            match serde_json::from_slice::<FineTunedMeta>(&bytes) {
+                Ok(meta) if meta.format == FineTunedMeta::FORMAT && meta.name == name => {
+                    let record = ModelRecord {
+                        name: name.to_string(),
+                        job_id: None,
+                        meta,
+                    };
+                    if store.register(&record)? {
+                        tracing::info!(model = %name, "registered a fine-tuned model found in the model store");
+                    }
+                }
+                // Not a head's metadata: some other JSON file in the folder.
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves what the registry holds: registered heads not served yet are fetched and loaded,
+    /// served ones no longer registered are dropped. Blocking.
+    pub fn sync_models(&self) -> Result<(), JobError> {
+        if !self.shared.config.serve {
+            return Ok(());
+        }
+        let engine = &self.shared.engine;
+        let records = self.shared.store.models()?;
+        for record in &records {
+            let served = engine.get(&record.name).is_some_and(|c| {
+                c.meta
+                    .as_ref()
+                    .is_some_and(|m| m.created_at == record.meta.created_at)
+            });
+            if served {
+                continue;
+            }
+            if let Err(e) = self.load_registered(record) {
+                if engine.get(&record.name).is_none() {
+                    engine.mark_failed(&record.name, Some(record.meta.arch), e.clone());
+                }
+                tracing::warn!(model = %record.name, error = %e, "registered model not loaded");
+            }
+        }
+        for classifier in engine.models() {
+            if classifier.kind == ModelKind::FineTuned
+                && !records.iter().any(|r| r.name == classifier.name)
+            {
+                tracing::info!(model = %classifier.name, "no longer registered: removed");
+                engine.remove(&classifier.name);
+            }
+        }
+        Ok(())
+    }
+
+    fn load_registered(&self, record: &ModelRecord) -> Result<(), String> {
+        let models = self.shared.models.as_ref();
+        let key = format!("{}.safetensors", record.name);
+        let file = match models.local_path(&key) {
+            Some(path) => path,
+            None => {
+                let cache = self.cache_path(&record.name);
+                if let Some(parent) = cache.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+                }
+                cache
+            }
+        };
+        let present = match models.local_path(&key) {
+            Some(path) => path.is_file(),
+            None => models.fetch(&key, &file).map_err(|e| e.to_string())?,
+        };
+        if !present {
+            // Committed, not yet moved into place: the staged copy is the same head.
+            if let Some(job) = &record.job_id {
+                move_staged(models, job, &record.name).map_err(|e| e.to_string())?;
+            }
+            let found = match models.local_path(&key) {
+                Some(path) => path.is_file(),
+                None => models.fetch(&key, &file).map_err(|e| e.to_string())?,
+            };
+            if !found {
+                return Err(format!("its weights ({key}) are not in the model store"));
+            }
+        }
+        let engine = &self.shared.engine;
+        let base = engine
+            .models()
+            .into_iter()
+            .find(|c| c.is_base_of(&record.meta))
+            .ok_or_else(|| {
+                format!(
+                    "its base model {} (sha256 {}) is not in the weights dir",
+                    record.meta.base_model, record.meta.base_sha256
+                )
+            })?;
+        let classifier =
+            Classifier::fine_tuned(record.meta.clone(), &file, &base).map_err(|e| e.to_string())?;
+        engine.insert(classifier);
+        Ok(())
+    }
+
+    /// Checks this replica's pretrained weights against the digests the store recorded for them
+    /// (the first replica records them). A model whose weights differ is not served: heads
+    /// trained on one replica must run on the same backbone everywhere.
+    pub fn check_pretrained(&self) -> Result<(), JobError> {
+        for classifier in self.shared.engine.models() {
+            let Some(identity) = &classifier.identity else {
+                continue;
+            };
+            if !self.shared.store.is_shared() {
+                continue;
+            }
+            if let Some(recorded) = self
+                .shared
+                .store
+                .check_pretrained(&classifier.name, &identity.file_sha256)?
+            {
+                let error = format!(
+                    "its weights here (sha256 {}) are not the ones the other replicas use \
+                     (sha256 {recorded}): give every replica the same weights files",
+                    &identity.file_sha256
+                );
+                tracing::error!(model = %classifier.name, "{error}");
+                self.shared.engine.remove(&classifier.name);
+                self.shared
+                    .engine
+                    .mark_failed(&classifier.name, Some(classifier.arch), error);
+            }
+        }
+        Ok(())
+    }
+
+    /// The watcher: renews this replica's leases (and hears cancels sent to other replicas),
+    /// fails jobs whose lease ran out, and with a shared store relays other replicas' job
+    /// changes as events and serves the registry's models.
+    fn watch(&self) {
+        let config = &self.shared.config;
+        let shared_store = self.shared.store.is_shared();
+        let heartbeat =
+            (config.lease / 3).clamp(Duration::from_millis(200), Duration::from_secs(2));
+        let mut last_beat = Instant::now();
+        let mut last_sync = Instant::now();
+        let mut seen: HashMap<String, Job> = HashMap::new();
+        let mut version = match self.shared.store.changes(0) {
+            Ok((version, jobs)) => {
+                seen.extend(jobs.into_iter().map(|j| (j.job_id.clone(), j)));
+                version
+            }
+            Err(_) => 0,
+        };
+        loop {
+            {
+                let stopped = self.shared.stopped.0.lock().expect("stop lock");
+                let (stopped, _) = self
+                    .shared
+                    .stopped
+                    .1
+                    .wait_timeout_while(stopped, WATCH_INTERVAL.min(heartbeat), |s| !*s)
+                    .expect("stop lock");
+                if *stopped {
+                    return;
+                }
+            }
+            if last_beat.elapsed() >= heartbeat {
+                last_beat = Instant::now();
+                self.beat();
+            }
+            if !shared_store {
+                continue;
+            }
+            match self.shared.store.changes(version) {
+                Ok((next, jobs)) => {
+                    version = next;
+                    for job in jobs {
+                        self.relay(seen.get(&job.job_id), &job);
+                        seen.insert(job.job_id.clone(), job);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot follow the job store"),
+            }
+            if last_sync.elapsed() >= Duration::from_secs(1) {
+                last_sync = Instant::now();
+                if let Err(e) = self.sync_models() {
+                    tracing::warn!(error = %e, "cannot follow the model registry");
+                }
+                self.update_gauges();
+            }
+        }
+    }
+
+    /// One heartbeat: renew this replica's leases, pass on cancels, fail expired jobs.
+    fn beat(&self) {
+        let store = &self.shared.store;
+        let config = &self.shared.config;
+        if config.train {
+            match store.renew(&config.replica, config.lease) {
+                Ok(held) => {
+                    let state = self.shared.state.lock().expect("job state lock");
+                    for (id, cancel) in held {
+                        if let (true, Some(flag)) = (cancel, state.cancel.get(&id)) {
+                            flag.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot renew this replica's job leases"),
+            }
+        }
+        match store.expire() {
+            Ok(expired) => {
+                for job in expired {
+                    tracing::warn!(job = %job.job_id, "failed: its replica stopped renewing its lease");
+                    let _ = self
+                        .shared
+                        .events
+                        .send(JobEvent::Done { job: Box::new(job) });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot check job leases"),
+        }
+    }
+
+    /// Turns another replica's write of a job into the events its own subscribers would have
+    /// heard.
+    fn relay(&self, before: Option<&Job>, job: &Job) {
+        if self.running(&job.job_id).is_some() {
+            return;
+        }
+        let id = &job.job_id;
+        let events = &self.shared.events;
+        let old_epochs = before.map_or(0, |b| b.history.len());
+        for metrics in job.history.iter().skip(old_epochs) {
+            let _ = events.send(JobEvent::Epoch {
+                job_id: id.clone(),
+                metrics: metrics.clone(),
+            });
+        }
+        if let Some(progress) = &job.progress {
+            if before.and_then(|b| b.progress.as_ref()) != Some(progress) {
+                let _ = events.send(JobEvent::Progress {
+                    job_id: id.clone(),
+                    progress: progress.clone(),
+                });
+            }
+        }
+        if job.status.is_finished() && !before.is_some_and(|b| b.status.is_finished()) {
+            let _ = events.send(JobEvent::Done {
+                job: Box::new(job.clone()),
+            });
+        }
     }
 }
 
@@ -825,16 +1451,31 @@ pub fn name_taken_message(name: &str) -> String {
     format!("a model or an unfinished job is already called `{name}`: choose another name")
 }
 
-/// Small PNGs of the gallery pictures, as the model saw them (after the resize).
-fn write_thumbnails(job_dir: &Path, examples: &[Example], data: &Dataset) -> std::io::Result<()> {
-    let dir = job_dir.join("examples");
-    std::fs::create_dir_all(&dir)?;
+/// Moves a job's staged `<name>.safetensors`, then `<name>.json`, into place in the model store
+/// (a rename in a folder; a copy and a delete in an object store); a file already moved is
+/// skipped.
+fn move_staged(models: &dyn ModelStore, id: &str, name: &str) -> Result<(), ModelStoreError> {
+    for (file, step) in [
+        (format!("{name}.safetensors"), Some("renamed")),
+        (format!("{name}.json"), None),
+    ] {
+        models.rename(&staged_key(id, &file), &file)?;
+        if let Some(step) = step {
+            crate::crash::point(step);
+        }
+    }
+    Ok(())
+}
+
+/// The gallery pictures as PNGs, by their index in `examples`.
+fn thumbnails(examples: &[Example], data: &Dataset) -> std::io::Result<Vec<(usize, Vec<u8>)>> {
     let by_file: HashMap<&str, &image::RgbImage> = data
         .train
         .iter()
         .chain(&data.test)
         .map(|s| (s.file.as_str(), &s.image))
         .collect();
+    let mut out = Vec::new();
     for (n, example) in examples.iter().enumerate() {
         let Some(image) = by_file.get(example.file.as_str()) else {
             continue;
@@ -844,66 +1485,12 @@ fn write_thumbnails(job_dir: &Path, examples: &[Example], data: &Dataset) -> std
         thumb
             .write_to(&mut png, image::ImageFormat::Png)
             .map_err(std::io::Error::other)?;
-        crate::atomic::write(&dir.join(format!("{n}.png")), &png.into_inner())?;
+        out.push((n, png.into_inner()));
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Temporary files of writes a crash cut short: never a model, always safe to remove.
-/// Moves `<name>.safetensors`, then `<name>.json`, from `staging` into `dir` (each a rename on one
-/// file system); a file already moved is skipped. The weights' final path.
-fn move_staged(staging: &Path, dir: &Path, name: &str) -> std::io::Result<PathBuf> {
-    let weights = dir.join(format!("{name}.safetensors"));
-    for (file, step) in [
-        (format!("{name}.safetensors"), Some("renamed")),
-        (format!("{name}.json"), None),
-    ] {
-        let from = staging.join(&file);
-        if from.exists() {
-            std::fs::rename(&from, dir.join(&file))?;
-        }
-        if let Some(step) = step {
-            crate::crash::point(step);
-        }
-    }
-    crate::atomic::sync_dir(dir)?;
-    Ok(weights)
-}
-
-/// At start, before any model loads: staged models of succeeded jobs are moved into place (the
-/// crash came after the commit point), other staged models are removed (before it), and job
-/// folders with no job (an upload cut off by a crash) are removed.
-fn recover(dir: &Path, jobs: &BTreeMap<String, Job>) {
-    let Ok(entries) = std::fs::read_dir(dir.join("jobs")) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let id = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
-        let Some(job) = jobs.get(&id) else {
-            if path.is_dir() {
-                tracing::info!(job = %id, "removing the upload of a job that was never created");
-                let _ = std::fs::remove_dir_all(&path);
-            }
-            continue;
-        };
-        let staging = path.join("model");
-        if !staging.exists() {
-            continue;
-        }
-        if job.status == Status::Succeeded {
-            tracing::info!(job = %id, model = %job.name, "publishing the model of a succeeded job");
-            if let Err(e) = move_staged(&staging, dir, &job.name) {
-                tracing::error!(job = %id, error = %e, "could not publish the model");
-                continue;
-            }
-        } else {
-            tracing::info!(job = %id, "removing the model files of a job that did not succeed");
-        }
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-}
-
 fn remove_temporaries(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;

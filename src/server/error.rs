@@ -166,7 +166,11 @@ impl From<JobError> for ApiError {
         match e {
             JobError::NotFound(_) => Self::not_found(message),
             JobError::Conflict(_) => Self::conflict(message),
-            JobError::Store(_) | JobError::Io(_) => Self::internal(message),
+            JobError::Model(e) => e.into(),
+            JobError::Store(_)
+            | JobError::ModelStore(_)
+            | JobError::Io(_)
+            | JobError::Config(_) => Self::internal(message),
         }
     }
 }

@@ -269,8 +269,11 @@ pub struct JobList {
 /// Every job, newest first.
 #[utoipa::path(get, path = "/jobs", tag = "jobs", responses((status = 200, body = JobList)))]
 pub async fn list(State(state): State<AppState>) -> Result<Json<JobList>, ApiError> {
-    let jobs = manager(&state)?;
-    Ok(Json(JobList { jobs: jobs.list() }))
+    let jobs = manager(&state)?.clone();
+    let jobs = tokio::task::spawn_blocking(move || jobs.list())
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(Json(JobList { jobs }))
 }
 
 /// One job.
@@ -280,10 +283,7 @@ pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<crate::jobs::Job>, ApiError> {
-    let jobs = manager(&state)?;
-    let job = jobs
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))?;
+    let job = find(manager(&state)?, id).await?;
     Ok(Json(job))
 }
 
@@ -328,9 +328,7 @@ pub async fn events(
     let jobs = manager(&state)?;
     // Subscribe before looking: a job finishing in between is then still heard.
     let receiver = jobs.subscribe();
-    let job = jobs
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))?;
+    let job = find(jobs, id.clone()).await?;
     let finished = job.status.is_finished().then(|| Box::new(job));
     let stream = futures_util::stream::unfold(
         (receiver, finished, false),
@@ -373,6 +371,16 @@ pub async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
+/// Job `id`, read where the job store is (off the async threads), or 404.
+async fn find(jobs: &JobManager, id: String) -> Result<crate::jobs::Job, ApiError> {
+    let jobs = jobs.clone();
+    let key = id.clone();
+    tokio::task::spawn_blocking(move || jobs.get(&key))
+        .await
+        .map_err(ApiError::internal)??
+        .ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))
+}
+
 fn done_event(job: &crate::jobs::Job) -> Event {
     Event::default()
         .event("done")
@@ -387,11 +395,12 @@ pub async fn example(
     State(state): State<AppState>,
     Path((id, n)): Path<(String, usize)>,
 ) -> Result<Response, ApiError> {
-    let jobs = manager(&state)?;
-    let path = jobs
-        .example_path(&id, n)
+    let jobs = manager(&state)?.clone();
+    let key = id.clone();
+    let bytes = tokio::task::spawn_blocking(move || jobs.example(&key, n))
+        .await
+        .map_err(ApiError::internal)??
         .ok_or_else(|| ApiError::not_found(format!("job `{id}` has no example {n}")))?;
-    let bytes = tokio::fs::read(path).await.map_err(ApiError::internal)?;
     Ok(([(header::CONTENT_TYPE, "image/png")], bytes).into_response())
 }
 

@@ -49,6 +49,8 @@ pub struct AppState {
     /// API key and CORS origins; open to all by default.
     pub access: Arc<auth::Access>,
     default_model: Arc<RwLock<Option<String>>>,
+    /// `all`, `api` or `worker`: a worker answers only health and metrics.
+    pub role: &'static str,
 }
 
 impl AppState {
@@ -59,11 +61,18 @@ impl AppState {
             jobs: None,
             access: Arc::default(),
             default_model: Arc::new(RwLock::new(default_model)),
+            role: "all",
         }
     }
 
     pub fn with_jobs(mut self, jobs: JobManager) -> Self {
         self.jobs = Some(jobs);
+        self
+    }
+
+    /// The replica's role (`all`, `api`, `worker`), as `--role` says.
+    pub fn with_role(mut self, role: &'static str) -> Self {
+        self.role = role;
         self
     }
 
@@ -88,9 +97,25 @@ impl AppState {
     }
 }
 
+/// A worker replica trains; it answers only what its orchestrator asks: health and metrics.
+fn worker_router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health::health))
+        .route("/ping", get(health::ping))
+        .route("/metrics", get(health::metrics))
+        .fallback(|| async {
+            ApiError::not_found("this replica is a worker (--role worker): it trains and answers only /health, /ping and /metrics")
+        })
+        .with_state(state)
+        .layer(axum::middleware::from_fn(error::json_errors))
+}
+
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: AppState) -> Router {
+    if state.role == "worker" {
+        return worker_router(state);
+    }
     let limit = DefaultBodyLimit::max(state.config.payload_limit);
     // Multipart framing on top of the zip itself; the zip's own size is checked as it streams.
     let upload_limit = usize::try_from(state.config.max_dataset_bytes.saturating_add(1 << 20))

@@ -162,9 +162,16 @@ pub async fn delete(
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let engine = state.engine.clone();
-    let removed = tokio::task::spawn_blocking(move || engine.delete(&name))
-        .await
-        .map_err(ApiError::internal)??;
+    let jobs = state.jobs.clone();
+    // With fine-tuning on, the registry knows the model: it is deleted there, for every replica.
+    let removed = tokio::task::spawn_blocking(move || match jobs {
+        Some(jobs) if engine.get(&name).is_some() => {
+            jobs.delete_model(&name).map_err(ApiError::from)
+        }
+        _ => engine.delete(&name).map_err(ApiError::from),
+    })
+    .await
+    .map_err(ApiError::internal)??;
     Ok(Json(json!({ "deleted": removed.name })))
 }
 
@@ -174,9 +181,24 @@ pub async fn delete(
 pub async fn reload(State(state): State<AppState>) -> Result<Json<ReloadReport>, ApiError> {
     let engine = state.engine.clone();
     let dir = state.config.weights_dir.clone();
-    let report = tokio::task::spawn_blocking(move || engine.reload(&dir))
-        .await
-        .map_err(ApiError::internal)?;
+    let jobs = state.jobs.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        // Heads put in the model store by hand are registered first, so that they load.
+        if let Some(jobs) = &jobs {
+            if let Err(e) = jobs.reconcile() {
+                tracing::warn!(error = %e, "cannot bring the model registry in line with the model store");
+            }
+        }
+        let report = engine.reload(&dir);
+        if let Some(jobs) = &jobs {
+            if let Err(e) = jobs.sync_models() {
+                tracing::warn!(error = %e, "cannot load the registered models");
+            }
+        }
+        report
+    })
+    .await
+    .map_err(ApiError::internal)?;
     Ok(Json(report))
 }
 

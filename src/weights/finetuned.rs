@@ -12,7 +12,7 @@ use crate::models::{Arch, Head, TrainLayers};
 use crate::preprocess::Transform;
 
 /// The JSON file written beside a fine-tuned head (`<name>.json` next to `<name>.safetensors`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FineTunedMeta {
     /// Always [`FineTunedMeta::FORMAT`]; lets a reader refuse files it does not understand.
     pub format: String,

@@ -178,3 +178,109 @@ pub fn dataset_zip(per_class: usize) -> Vec<u8> {
     zip.write_all(&picture(0, 5)[..100]).unwrap();
     zip.finish().unwrap().into_inner()
 }
+
+/// `$CNNSERVE_TEST_POSTGRES`: a PostgreSQL server URL whose user may create databases
+/// (`scripts/test.sh` starts one). Tests that need it fail without it, and say how to get one.
+pub fn postgres_server() -> String {
+    std::env::var("CNNSERVE_TEST_POSTGRES").unwrap_or_else(|_| {
+        panic!(
+            "CNNSERVE_TEST_POSTGRES is not set: run the tests through scripts/test.sh, which \
+             starts a throwaway PostgreSQL (Debian's postgresql package), or point it at a \
+             server, e.g. postgres://postgres@127.0.0.1:5432/postgres"
+        )
+    })
+}
+
+/// A new, empty database on [`postgres_server`]: its URL.
+pub fn fresh_postgres() -> String {
+    let server = postgres_server();
+    let name = format!("t_{}", uuid_like());
+    let config: tokio_postgres::Config = server.parse().expect("CNNSERVE_TEST_POSTGRES is a URL");
+    // A thread of its own: callers may be inside a runtime, which may not block or drop one.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (client, connection) = config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .unwrap_or_else(|e| panic!("cannot connect to {server}: {e}"));
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .unwrap();
+            })
+        })
+        .join()
+        .unwrap()
+    });
+    let (base, _) = server.rsplit_once('/').expect("a URL with a database");
+    format!("{base}/{name}")
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{}_{}_{}",
+        std::process::id(),
+        nanos,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The job database the job tests use: SQLite in `dir` (`None`, the default), or a fresh
+/// PostgreSQL database when `CNNSERVE_TEST_JOB_DATABASE=postgres` (scripts/test.sh runs the job
+/// tests both ways). A test's weights dir keeps its database across the test's restarts.
+pub fn job_database(dir: &Path) -> Option<String> {
+    match std::env::var("CNNSERVE_TEST_JOB_DATABASE").as_deref() {
+        Ok("postgres") => {
+            let remembered = dir.join(".test-database-url");
+            if let Ok(url) = std::fs::read_to_string(&remembered) {
+                return Some(url);
+            }
+            let url = fresh_postgres();
+            std::fs::write(&remembered, &url).unwrap();
+            Some(url)
+        }
+        Ok("sqlite") | Err(_) => None,
+        Ok(other) => panic!("CNNSERVE_TEST_JOB_DATABASE must be sqlite or postgres, not {other}"),
+    }
+}
+
+/// `$CNNSERVE_TEST_S3`: the endpoint of an S3-protocol server (`scripts/test.sh` starts moto's)
+/// with a bucket `cnnserve-test`; the AWS variables the model store reads are set from it.
+pub fn s3_endpoint() -> String {
+    let endpoint = std::env::var("CNNSERVE_TEST_S3").unwrap_or_else(|_| {
+        panic!(
+            "CNNSERVE_TEST_S3 is not set: run the tests through scripts/test.sh, which starts an \
+             S3-protocol server (moto) with a bucket cnnserve-test, or point it at one"
+        )
+    });
+    for (k, v) in [
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+    ] {
+        if std::env::var_os(k).is_none() {
+            // Test set-up: every test sets the same values.
+            std::env::set_var(k, v);
+        }
+    }
+    endpoint
+}
+
+/// A model store location under a fresh prefix of the test bucket.
+pub fn fresh_s3_store() -> String {
+    s3_endpoint();
+    format!("s3://cnnserve-test/{}", uuid_like())
+}
