@@ -753,6 +753,10 @@ impl JobManager {
             if let Err(e) = self.run(job, dataset, &cancel) {
                 tracing::error!(job = %id, error = %e, "could not record the job's state");
             }
+            if self.shared.models.local_path(&dataset_key(&id)) != Some(self.dataset_path(&id)) {
+                // This machine's copies of the upload and pictures: the store has them.
+                let _ = std::fs::remove_dir_all(self.job_dir(&id));
+            }
             let mut state = self.shared.state.lock().expect("job state lock");
             state.cancel.remove(&id);
             state.publishing.remove(&id);
@@ -919,6 +923,7 @@ impl JobManager {
             Some(d) => d,
             None => {
                 let local = self.dataset_path(&id);
+                std::fs::create_dir_all(self.job_dir(&id))?;
                 let found = self
                     .shared
                     .models
