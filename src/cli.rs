@@ -50,6 +50,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Serve the models of a weights dir over HTTP (what a bare `cnnserve` does).
     Serve(ServeArgs),

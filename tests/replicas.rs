@@ -193,6 +193,14 @@ fn two_api_replicas_and_a_worker_behave_as_one_service() {
     let api2 = start("api", "api-2", dirs[1].path(), &database, &store);
     let mut worker = start("worker", "worker-1", dirs[2].path(), &database, &store);
 
+    let info = get_json(&api1.addr, "/info");
+    assert_eq!(info["role"], "api", "{info}");
+    assert_eq!(info["jobs"]["replica"], "api-1", "{info}");
+    assert!(info["jobs"]["database"]
+        .as_str()
+        .unwrap()
+        .starts_with("postgres://127.0.0.1/"));
+    assert_eq!(info["jobs"]["model_store"], store.as_str(), "{info}");
     // A worker answers health and metrics only.
     assert_eq!(status(&worker.addr, "/ping"), 200);
     assert_eq!(status(&worker.addr, "/metrics"), 200);
@@ -286,4 +294,62 @@ fn two_api_replicas_and_a_worker_behave_as_one_service() {
     wait_for("the deleted model gone", Duration::from_secs(5), || {
         status(&api2.addr, "/models/pets") == 404
     });
+}
+
+/// Heads trained on one replica run on the others' backbones: a replica whose pretrained weights
+/// differ from the ones the database recorded does not serve that model, and says why.
+#[test]
+fn a_replica_with_other_pretrained_weights_does_not_serve_them() {
+    let database = common::fresh_postgres();
+    let store = common::fresh_s3_store();
+    let same = weights_dir();
+    let _first = start("api", "api-1", same.path(), &database, &store);
+    let other = tempfile::tempdir().unwrap();
+    let mut bytes =
+        std::fs::read(common::fixtures().join("googlenet/weights.safetensors")).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(other.path().join("googlenet.safetensors"), bytes).unwrap();
+    std::fs::write(other.path().join("vgg11_bn.safetensors"), b"not weights").unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cnnserve"))
+        .env("RUST_LOG", "info")
+        .args([
+            "serve",
+            "--offline",
+            "--addr",
+            "127.0.0.1:0",
+            "--grpc-addr",
+            "",
+        ])
+        .args([
+            "--role",
+            "api",
+            "--replica-id",
+            "odd",
+            "--database-url",
+            &database,
+        ])
+        .args([
+            "--model-store",
+            &store,
+            "--default-model",
+            "googlenet",
+            "--weights-dir",
+        ])
+        .arg(other.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+    let refused = lines
+        .find(|l| l.contains("not the ones the other replicas use"))
+        .expect("the replica says why it does not serve googlenet");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        refused.contains("give every replica the same weights files"),
+        "{refused}"
+    );
 }

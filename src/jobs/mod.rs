@@ -357,7 +357,8 @@ impl JobManager {
             Some(location) => model_store::open(location)?,
             None => model_store::open(&config.dir.to_string_lossy())?,
         };
-        if !store.is_shared() && !(config.train && config.serve) {
+        let one_process = config.train && config.serve;
+        if !store.is_shared() && !one_process {
             return Err(JobError::Config(format!(
                 "a replica that only serves or only trains needs a database other replicas \
                  share: --database-url postgres://… (not {})",
@@ -1311,15 +1312,20 @@ impl JobManager {
             if !self.shared.store.is_shared() {
                 continue;
             }
+            // A converted file stands for the download it came from, so that a .pth and its
+            // conversion count as the same weights.
+            let digest = identity
+                .source_sha256
+                .as_deref()
+                .unwrap_or(&identity.file_sha256);
             if let Some(recorded) = self
                 .shared
                 .store
-                .check_pretrained(&classifier.name, &identity.file_sha256)?
+                .check_pretrained(&classifier.name, digest)?
             {
                 let error = format!(
-                    "its weights here (sha256 {}) are not the ones the other replicas use \
-                     (sha256 {recorded}): give every replica the same weights files",
-                    &identity.file_sha256
+                    "its weights here (sha256 {digest}) are not the ones the other replicas use \
+                     (sha256 {recorded}): give every replica the same weights files"
                 );
                 tracing::error!(model = %classifier.name, "{error}");
                 self.shared.engine.remove(&classifier.name);

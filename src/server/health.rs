@@ -71,6 +71,11 @@ pub async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
         "default_model": state.default_model(),
         "models": state.engine.model_names(),
         "weights_dir": state.config.weights_dir.display().to_string(),
+        "role": state.role,
+        "jobs": state.jobs.as_ref().map(|jobs| {
+            let (database, model_store) = jobs.describe_stores();
+            json!({ "replica": jobs.config().replica, "database": database, "model_store": model_store })
+        }),
         "limits": {
             "max_batch_size": engine.max_batch_size,
             "max_batch_delay_ms": engine.max_batch_delay.as_millis() as u64,
