@@ -593,26 +593,28 @@ fn the_demo_page_predicts_trains_cancels_and_asks_for_the_key() {
     let unseen: Vec<&Value> = focus.iter().filter(|f| f["visible"] != true).collect();
     assert!(unseen.is_empty(), "focus not visible on {unseen:?}");
 
-    // 390 px: no card scrolls sideways, nothing is wider than the screen.
-    let narrow = &r["narrow"];
-    assert_eq!(narrow["viewport"], 390);
-    assert!(
-        narrow["document_scroll_width"].as_u64().unwrap() <= 390,
-        "the page scrolls sideways at 390 px: {narrow}"
-    );
-    let cards = narrow["cards"].as_array().unwrap();
-    assert_eq!(cards.len(), 4, "{narrow}");
-    for card in cards {
+    // At 390 and 1280 px (the epochs' table open): no card scrolls sideways, nothing is wider
+    // than the screen, no text under 12 px.
+    for (width, layout) in [(390, &r["narrow"]), (1280, &r["wide"])] {
+        assert_eq!(layout["viewport"], width);
         assert!(
-            card["scroll_width"].as_u64() <= card["client_width"].as_u64(),
-            "card #{} is wider than itself at 390 px: {card}",
-            card["id"]
+            layout["document_scroll_width"].as_u64() <= Some(width),
+            "the page scrolls sideways at {width} px: {layout}"
+        );
+        let cards = layout["cards"].as_array().unwrap();
+        assert_eq!(cards.len(), 4, "{layout}");
+        for card in cards {
+            assert!(
+                card["scroll_width"].as_u64() <= card["client_width"].as_u64(),
+                "card #{} is wider than itself at {width} px: {card}",
+                card["id"]
+            );
+        }
+        assert!(
+            layout["smallest_font_px"].as_f64().unwrap() >= 12.0,
+            "{layout}"
         );
     }
-    assert!(
-        narrow["smallest_font_px"].as_f64().unwrap() >= 12.0,
-        "{narrow}"
-    );
 
     // axe-core: no serious or critical violation, wide, narrow, and with the key dialog open.
     for (run, violations) in [
