@@ -15,8 +15,10 @@
 //!   the forward passes never run on the async runtime.
 //! - [`train`]: fine-tuning a new head on a frozen network: data sets, augmentation, the loop,
 //!   evaluation, and the files a fine-tuned model is saved as.
-//! - [`jobs`]: fine-tuning jobs: a queue, training threads in their own small thread pool, a
-//!   SQLite store that survives restarts, events for live progress.
+//! - [`jobs`]: fine-tuning jobs: claims, training threads in their own small thread pool, events
+//!   for live progress; behind two seams that let replicas share them: [`jobs::store`] (jobs and
+//!   the model registry: SQLite, or PostgreSQL with leases) and [`jobs::model_store`] (heads and
+//!   uploads: a folder, or S3).
 //! - [`server`]: HTTP (axum) and gRPC (tonic) over the engine; the one place that knows status
 //!   codes, JSON shapes and protobuf. The Open Inference Protocol (KServe v2) is served over both:
 //!   [`server::v2`] is its logic, [`server::kserve`] its HTTP form, [`server::grpc`] its gRPC one.

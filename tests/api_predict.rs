@@ -777,10 +777,10 @@ async fn the_demo_page_and_its_assets_are_served() {
             .to_vec(),
     )
     .unwrap();
-    assert!(html.contains(r#"<script src="/static/app.js">"#) && html.contains("predict-form"));
+    assert!(html.contains(r#"<script src="/static/app.js">"#) && html.contains("finetune-form"));
     for (path, kind, needle) in [
         ("/static/app.js", "text/javascript", "/predict?"),
-        ("/static/style.css", "text/css", "#predictions"),
+        ("/static/style.css", "text/css", "#predict"),
     ] {
         let response = app
             .router

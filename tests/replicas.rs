@@ -288,6 +288,26 @@ fn two_api_replicas_and_a_worker_behave_as_one_service() {
         });
     }
 
+    // A cancel sent to an api replica stops the job on the worker.
+    let stopped = finetune(
+        &api2.addr,
+        &[
+            ("base_model", "googlenet"),
+            ("name", "stopped"),
+            ("epochs", "1000"),
+            ("augment", "true"),
+        ],
+    );
+    wait_for("the job to cancel running", Duration::from_secs(60), || {
+        get_json(&api1.addr, &format!("/jobs/{stopped}"))["status"] == "running"
+    });
+    let cancel = ureq::delete(&format!("http://{}/jobs/{stopped}", api1.addr)).call();
+    assert_eq!(cancel.unwrap().status().as_u16(), 202);
+    let took = wait_for("the cancelled job stopped", Duration::from_secs(10), || {
+        get_json(&api2.addr, &format!("/jobs/{stopped}"))["status"] == "cancelled"
+    });
+    eprintln!("the job stopped {took:?} after the cancel");
+
     // Deleted on one replica, gone from the other.
     let deleted = ureq::delete(&format!("http://{}/models/pets", api1.addr)).call();
     assert!(deleted.is_ok(), "{deleted:?}");
@@ -352,4 +372,36 @@ fn a_replica_with_other_pretrained_weights_does_not_serve_them() {
         refused.contains("give every replica the same weights files"),
         "{refused}"
     );
+}
+
+#[test]
+fn split_roles_without_a_shared_database_are_refused_with_a_sentence() {
+    let dir = weights_dir();
+    for role in ["api", "worker"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cnnserve"))
+            .args([
+                "serve",
+                "--offline",
+                "--addr",
+                "127.0.0.1:0",
+                "--grpc-addr",
+                "",
+            ])
+            .args([
+                "--role",
+                role,
+                "--default-model",
+                "googlenet",
+                "--weights-dir",
+            ])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--database-url postgres://") && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
 }

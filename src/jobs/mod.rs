@@ -13,6 +13,7 @@
 //! new model within a second or two, fail jobs whose lease ran out, and relay job events.
 
 pub mod model_store;
+mod runtime;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};

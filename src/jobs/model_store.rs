@@ -19,6 +19,8 @@ use futures_util::TryStreamExt;
 use object_store::path::Path as Key;
 use object_store::{ObjectStore as _, ObjectStoreExt as _};
 
+use super::runtime::OwnRuntime;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelStoreError {
     #[error("model store: {0}")]
@@ -230,15 +232,7 @@ pub struct ObjectStore {
     store: Arc<dyn object_store::ObjectStore>,
     bucket: String,
     prefix: String,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Drop for ObjectStore {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
+    runtime: OwnRuntime,
 }
 
 impl ObjectStore {
@@ -267,16 +261,12 @@ impl ObjectStore {
                 "cannot use s3://{location} as the model store: {e}"
             ))
         })?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("object-store")
-            .enable_all()
-            .build()?;
+        let runtime = OwnRuntime::new("object-store")?;
         Ok(Self {
             store: Arc::new(store),
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
-            runtime: Some(runtime),
+            runtime,
         })
     }
 
@@ -302,23 +292,9 @@ impl ObjectStore {
         &self,
         fut: impl Future<Output = Result<T, ModelStoreError>> + Send,
     ) -> Result<T, ModelStoreError> {
-        let runtime = self
-            .runtime
-            .as_ref()
-            .expect("runtime lives as long as the store");
-        if tokio::runtime::Handle::try_current().is_ok() {
-            std::thread::scope(|s| {
-                s.spawn(|| runtime.block_on(fut))
-                    .join()
-                    .unwrap_or_else(|_| {
-                        Err(ModelStoreError::Object(
-                            "a model store call panicked".into(),
-                        ))
-                    })
-            })
-        } else {
-            runtime.block_on(fut)
-        }
+        self.runtime.run(fut, || {
+            ModelStoreError::Object("a model store call panicked".into())
+        })
     }
 
     /// The last component of an object's path.

@@ -16,6 +16,7 @@ use tokio_postgres::types::Json;
 use tokio_postgres::{NoTls, Row};
 
 use super::{CancelOutcome, JobStore, Migrations, ModelRecord, StoreError};
+use crate::jobs::runtime::OwnRuntime;
 use crate::jobs::{Job, Status};
 
 /// `migrations/postgres/`, applied in order under an advisory lock (replicas starting together
@@ -30,16 +31,7 @@ const MIGRATION_LOCK: i64 = 0x636e_6e73_6572_7665;
 pub struct PostgresStore {
     describe: String,
     pool: Pool,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Drop for PostgresStore {
-    fn drop(&mut self) {
-        // Dropping a runtime blocks, which a runtime's thread may not do.
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
+    runtime: OwnRuntime,
 }
 
 fn pg(e: tokio_postgres::Error) -> StoreError {
@@ -88,12 +80,8 @@ impl PostgresStore {
                 .join(","),
             config.get_dbname().unwrap_or("")
         );
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("postgres")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Postgres(e.to_string()))?;
+        let runtime =
+            OwnRuntime::new("postgres").map_err(|e| StoreError::Postgres(e.to_string()))?;
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -111,7 +99,7 @@ impl PostgresStore {
         let store = Self {
             describe,
             pool,
-            runtime: Some(runtime),
+            runtime,
         };
         store.run(async {
             let mut client = store.pool.get().await.map_err(pool_error)?;
@@ -151,21 +139,9 @@ impl PostgresStore {
         &self,
         fut: impl Future<Output = Result<T, StoreError>> + Send,
     ) -> Result<T, StoreError> {
-        let runtime = self
-            .runtime
-            .as_ref()
-            .expect("runtime lives as long as the store");
-        if tokio::runtime::Handle::try_current().is_ok() {
-            std::thread::scope(|s| {
-                s.spawn(|| runtime.block_on(fut))
-                    .join()
-                    .unwrap_or_else(|_| {
-                        Err(StoreError::Postgres("a database call panicked".into()))
-                    })
-            })
-        } else {
-            runtime.block_on(fut)
-        }
+        self.runtime.run(fut, || {
+            StoreError::Postgres("a database call panicked".into())
+        })
     }
 
     /// Fails the running jobs that `filter` selects (`$1` is its argument).
