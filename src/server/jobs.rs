@@ -146,7 +146,13 @@ pub async fn submit(
     };
     train::output::check_name(&name).map_err(ApiError::bad_request)?;
     // Checked early to spare a doomed upload its decoding; `submit` decides under its lock.
-    if jobs.name_taken(&name) {
+    let taken = {
+        let (jobs, name) = (jobs.clone(), name.clone());
+        tokio::task::spawn_blocking(move || jobs.name_taken(&name))
+            .await
+            .map_err(ApiError::internal)?
+    };
+    if taken {
         return Err(ApiError::conflict(crate::jobs::name_taken_message(&name)));
     }
 
