@@ -322,6 +322,9 @@ struct Shared {
     gate: Gate,
     /// Stops the watcher and heartbeat thread (and wakes it).
     stopped: (Mutex<bool>, Condvar),
+    /// Registered heads whose load failed, by name and the registration's time: not fetched again
+    /// on every poll.
+    unloadable: Mutex<HashMap<String, DateTime<Utc>>>,
 }
 
 #[derive(Clone)]
@@ -401,6 +404,7 @@ impl JobManager {
                 pool,
                 gate: Gate::default(),
                 stopped: (Mutex::new(false), Condvar::new()),
+                unloadable: Mutex::new(HashMap::new()),
             }),
         };
         manager.recover()?;
@@ -1223,18 +1227,28 @@ impl JobManager {
     /// Serves what the registry holds: registered heads not served yet are fetched and loaded,
     /// served ones no longer registered are dropped. Blocking.
     pub fn sync_models(&self) -> Result<(), JobError> {
+        self.sync(true)
+    }
+
+    /// [`JobManager::sync_models`]; without `retry_failed` (the watcher's polls), a head whose load
+    /// failed is not fetched again until the registry records another one under its name.
+    fn sync(&self, retry_failed: bool) -> Result<(), JobError> {
         if !self.shared.config.serve {
             return Ok(());
         }
         let engine = &self.shared.engine;
         let records = self.shared.store.models()?;
+        let mut unloadable = self.shared.unloadable.lock().expect("unloadable lock");
+        if retry_failed {
+            unloadable.clear();
+        }
         for record in &records {
             let served = engine.get(&record.name).is_some_and(|c| {
                 c.meta
                     .as_ref()
                     .is_some_and(|m| m.created_at == record.meta.created_at)
             });
-            if served {
+            if served || unloadable.get(&record.name) == Some(&record.meta.created_at) {
                 continue;
             }
             if let Err(e) = self.load_registered(record) {
@@ -1242,6 +1256,7 @@ impl JobManager {
                     engine.mark_failed(&record.name, Some(record.meta.arch), e.clone());
                 }
                 tracing::warn!(model = %record.name, error = %e, "registered model not loaded");
+                unloadable.insert(record.name.clone(), record.meta.created_at);
             }
         }
         for classifier in engine.models() {
@@ -1388,7 +1403,7 @@ impl JobManager {
             }
             if last_sync.elapsed() >= Duration::from_secs(1) {
                 last_sync = Instant::now();
-                if let Err(e) = self.sync_models() {
+                if let Err(e) = self.sync(false) {
                     tracing::warn!(error = %e, "cannot follow the model registry");
                 }
                 self.update_gauges();
