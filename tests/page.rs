@@ -9,10 +9,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -71,9 +70,7 @@ fn screenshots_dir() -> PathBuf {
 
 /// `cnnserve serve` on a weights dir of its own holding the fixture GoogLeNet; killed on drop.
 struct Server {
-    child: Child,
-    addr: String,
-    logs: Arc<Mutex<Vec<String>>>,
+    running: common::binary::Running,
     _dir: tempfile::TempDir,
 }
 
@@ -85,72 +82,26 @@ impl Server {
             dir.path().join("googlenet.safetensors"),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cnnserve"))
-            .env("RUST_LOG", "info")
-            .env_remove("RUST_BACKTRACE")
-            .env_remove("CNNSERVE_API_KEY")
-            .args(["serve", "--offline", "--json-logs", "--addr", "127.0.0.1:0"])
-            .args(["--grpc-addr", "", "--default-model", "googlenet"])
+        let mut command = common::binary::serve_command();
+        command
+            .args([
+                "--offline",
+                "--grpc-addr",
+                "",
+                "--default-model",
+                "googlenet",
+            ])
             .arg("--weights-dir")
             .arg(dir.path())
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Every log line is kept (and the pipe drained, so the server never blocks on it).
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let kept = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if v["fields"]["message"] == "listening" {
-                        let _ = tx.send(v["fields"]["addr"].as_str().unwrap_or("").to_string());
-                    }
-                }
-                kept.lock().unwrap().push(line);
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| {
-                panic!(
-                    "the server never said it listens:\n{}",
-                    logs.lock().unwrap().join("\n")
-                )
-            });
-        let server = Self {
-            child,
-            addr,
-            logs,
+            .args(extra);
+        Self {
+            running: common::binary::Running::start(command),
             _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while ureq::get(&server.url("/health")).call().is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "not healthy within a minute:\n{}",
-                server.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
-        server
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn logs(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.running.url(path)
     }
 }
 

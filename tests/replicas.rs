@@ -7,27 +7,14 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::Receiver;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::binary::{serve_command, Running};
 use serde_json::Value;
 
 /// Seconds a claim holds without a heartbeat: short, so that the dead worker's job fails soon.
 const LEASE: u64 = 3;
-
-struct Replica {
-    child: Child,
-    addr: String,
-    logs: Receiver<String>,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A weights dir of its own per replica, with the same pretrained file (as an image or an init
 /// container gives each pod).
@@ -41,12 +28,25 @@ fn weights_dir() -> tempfile::TempDir {
     dir
 }
 
-fn start(role: &str, id: &str, dir: &Path, database: &str, store: &str) -> Replica {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cnnserve"))
-        .env("RUST_LOG", "info")
-        .env_remove("RUST_BACKTRACE")
-        .args(["serve", "--offline", "--json-logs", "--addr", "127.0.0.1:0"])
-        .args(["--grpc-addr", "", "--default-model", "googlenet"])
+fn start(role: &str, id: &str, dir: &Path, database: &str, store: &str) -> Running {
+    let mut command = replica(role, id, dir, database, store);
+    command.args(["--training-threads", "1"]);
+    let replica = Running::start(command);
+    assert_eq!(replica.listening["role"], role);
+    replica
+}
+
+/// `cnnserve serve` as replica `id`, offline, without gRPC.
+fn replica(role: &str, id: &str, dir: &Path, database: &str, store: &str) -> Command {
+    let mut command = serve_command();
+    command
+        .args([
+            "--offline",
+            "--grpc-addr",
+            "",
+            "--default-model",
+            "googlenet",
+        ])
         .args([
             "--role",
             role,
@@ -56,38 +56,9 @@ fn start(role: &str, id: &str, dir: &Path, database: &str, store: &str) -> Repli
             database,
         ])
         .args(["--model-store", store, "--job-lease", &LEASE.to_string()])
-        .args(["--training-threads", "1", "--weights-dir"])
-        .arg(dir)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, logs) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let addr = loop {
-        let line = logs
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("replica {id} never said it listens"));
-        let v: Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "listening" {
-            assert_eq!(v["fields"]["role"], role, "{line}");
-            break v["fields"]["addr"].as_str().unwrap().to_string();
-        }
-    };
-    let replica = Replica { child, addr, logs };
-    wait_for(
-        &format!("replica {id} healthy"),
-        Duration::from_secs(60),
-        || status(&replica.addr, "/health") == 200,
-    );
-    replica
+        .arg("--weights-dir")
+        .arg(dir);
+    command
 }
 
 fn status(addr: &str, path: &str) -> u16 {
@@ -180,10 +151,6 @@ fn events(addr: &str, id: &str) -> Vec<String> {
         .collect()
 }
 
-fn drained(logs: &Receiver<String>) -> String {
-    logs.try_iter().collect::<Vec<_>>().join("\n")
-}
-
 #[test]
 fn two_api_replicas_and_a_worker_behave_as_one_service() {
     let database = common::fresh_postgres();
@@ -232,10 +199,10 @@ fn two_api_replicas_and_a_worker_behave_as_one_service() {
     }
     assert_eq!(predict(&api1.addr, "pets"), predict(&api2.addr, "pets"));
     // The worker trained; the api replicas did not.
-    let worker_logs = drained(&worker.logs);
+    let worker_logs = worker.logs();
     assert!(worker_logs.contains("training started"), "{worker_logs}");
     for api in [&api1, &api2] {
-        assert!(!drained(&api.logs).contains("training started"));
+        assert!(!api.logs().contains("training started"));
     }
     // Names are reserved across replicas.
     let taken = submit(&api2.addr, &[("base_model", "googlenet"), ("name", "pets")]);
@@ -254,8 +221,7 @@ fn two_api_replicas_and_a_worker_behave_as_one_service() {
     wait_for("the long job running", Duration::from_secs(60), || {
         get_json(&api1.addr, &format!("/jobs/{long}"))["status"] == "running"
     });
-    worker.child.kill().unwrap();
-    worker.child.wait().unwrap();
+    worker.kill();
     let killed = Instant::now();
     wait_for(
         "the dead worker's job failed",
@@ -332,32 +298,7 @@ fn a_replica_with_other_pretrained_weights_does_not_serve_them() {
     std::fs::write(other.path().join("googlenet.safetensors"), bytes).unwrap();
     std::fs::write(other.path().join("vgg11_bn.safetensors"), b"not weights").unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cnnserve"))
-        .env("RUST_LOG", "info")
-        .args([
-            "serve",
-            "--offline",
-            "--addr",
-            "127.0.0.1:0",
-            "--grpc-addr",
-            "",
-        ])
-        .args([
-            "--role",
-            "api",
-            "--replica-id",
-            "odd",
-            "--database-url",
-            &database,
-        ])
-        .args([
-            "--model-store",
-            &store,
-            "--default-model",
-            "googlenet",
-            "--weights-dir",
-        ])
-        .arg(other.path())
+    let mut child = replica("api", "odd", other.path(), &database, &store)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -378,22 +319,9 @@ fn a_replica_with_other_pretrained_weights_does_not_serve_them() {
 fn split_roles_without_a_shared_database_are_refused_with_a_sentence() {
     let dir = weights_dir();
     for role in ["api", "worker"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_cnnserve"))
-            .args([
-                "serve",
-                "--offline",
-                "--addr",
-                "127.0.0.1:0",
-                "--grpc-addr",
-                "",
-            ])
-            .args([
-                "--role",
-                role,
-                "--default-model",
-                "googlenet",
-                "--weights-dir",
-            ])
+        let out = serve_command()
+            .args(["--offline", "--grpc-addr", "", "--role", role])
+            .args(["--default-model", "googlenet", "--weights-dir"])
             .arg(dir.path())
             .output()
             .unwrap();

@@ -1,6 +1,8 @@
 //! Shared by the integration tests: where the PyTorch fixtures live, and comparisons.
 #![allow(dead_code)] // each test binary uses its own part of this
 
+pub mod binary;
+
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
