@@ -28,16 +28,6 @@ struct App {
     engine: Engine,
 }
 
-fn weights_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(
-        common::fixtures().join("googlenet/weights.safetensors"),
-        dir.path().join("googlenet.safetensors"),
-    )
-    .unwrap();
-    dir
-}
-
 /// A server over `dir`, as `cnnserve serve` builds it; `start` runs the training threads.
 fn app(dir: &std::path::Path, max_dataset_bytes: u64, start: bool) -> App {
     let engine = Engine::new(
@@ -156,7 +146,7 @@ fn finished(job: &Value) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_runs_from_upload_to_a_served_model_with_live_events() {
-    let dir = weights_dir();
+    let dir = common::googlenet_dir();
     let app = app(dir.path(), 1 << 30, true);
     let zip = dataset_zip(5);
     let fields = [
@@ -375,7 +365,7 @@ async fn a_job_runs_from_upload_to_a_served_model_with_live_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_are_400_and_dataset_problems_422_all_at_once() {
-    let dir = weights_dir();
+    let dir = common::googlenet_dir();
     let app = app(dir.path(), 200_000, false);
     let zip = dataset_zip(3);
     let r = &app.router;
@@ -457,7 +447,7 @@ async fn malformed_requests_are_400_and_dataset_problems_422_all_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queued_and_running_jobs_can_be_cancelled_and_finished_ones_purged() {
-    let dir = weights_dir();
+    let dir = common::googlenet_dir();
     let app = app(dir.path(), 1 << 30, true);
     let zip = dataset_zip(4);
     let slow = [
@@ -512,7 +502,7 @@ async fn queued_and_running_jobs_can_be_cancelled_and_finished_ones_purged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restart_keeps_finished_jobs_runs_queued_ones_and_fails_interrupted_ones() {
-    let dir = weights_dir();
+    let dir = common::googlenet_dir();
     let zip = dataset_zip(4);
     let quick = [
         ("base_model", "googlenet"),
@@ -618,7 +608,7 @@ async fn a_restart_keeps_finished_jobs_runs_queued_ones_and_fails_interrupted_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancel_either_stops_the_job_or_is_refused_never_both() {
     use cnnserve::jobs::Checkpoint;
-    let dir = weights_dir();
+    let dir = common::googlenet_dir();
     let app = app(dir.path(), 1 << 30, true);
     let zip = dataset_zip(4);
     for (at, name) in [
@@ -662,7 +652,7 @@ async fn a_cancel_either_stops_the_job_or_is_refused_never_both() {
 /// and no upload of a refused one is left on disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn of_concurrent_uploads_with_one_name_exactly_one_is_accepted() {
-    let dir = weights_dir();
+    let dir = common::googlenet_dir();
     // Not started: the jobs stay queued, their names reserved.
     let app = app(dir.path(), 1 << 30, false);
     let zip = Arc::new(dataset_zip(4));

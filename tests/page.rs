@@ -76,12 +76,7 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(
-            common::fixtures().join("googlenet/weights.safetensors"),
-            dir.path().join("googlenet.safetensors"),
-        )
-        .unwrap();
+        let dir = common::googlenet_dir();
         let mut command = common::binary::serve_command();
         command
             .args([

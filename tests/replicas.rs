@@ -16,18 +16,6 @@ use serde_json::Value;
 /// Seconds a claim holds without a heartbeat: short, so that the dead worker's job fails soon.
 const LEASE: u64 = 3;
 
-/// A weights dir of its own per replica, with the same pretrained file (as an image or an init
-/// container gives each pod).
-fn weights_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(
-        common::fixtures().join("googlenet/weights.safetensors"),
-        dir.path().join("googlenet.safetensors"),
-    )
-    .unwrap();
-    dir
-}
-
 fn start(role: &str, id: &str, dir: &Path, database: &str, store: &str) -> Running {
     let mut command = replica(role, id, dir, database, store);
     command.args(["--training-threads", "1"]);
@@ -155,7 +143,7 @@ fn events(addr: &str, id: &str) -> Vec<String> {
 fn two_api_replicas_and_a_worker_behave_as_one_service() {
     let database = common::fresh_postgres();
     let store = common::fresh_s3_store();
-    let dirs: Vec<_> = (0..4).map(|_| weights_dir()).collect();
+    let dirs: Vec<_> = (0..4).map(|_| common::googlenet_dir()).collect();
     let api1 = start("api", "api-1", dirs[0].path(), &database, &store);
     let api2 = start("api", "api-2", dirs[1].path(), &database, &store);
     let mut worker = start("worker", "worker-1", dirs[2].path(), &database, &store);
@@ -288,7 +276,7 @@ fn two_api_replicas_and_a_worker_behave_as_one_service() {
 fn a_replica_with_other_pretrained_weights_does_not_serve_them() {
     let database = common::fresh_postgres();
     let store = common::fresh_s3_store();
-    let same = weights_dir();
+    let same = common::googlenet_dir();
     let _first = start("api", "api-1", same.path(), &database, &store);
     let other = tempfile::tempdir().unwrap();
     let mut bytes =
@@ -317,7 +305,7 @@ fn a_replica_with_other_pretrained_weights_does_not_serve_them() {
 
 #[test]
 fn split_roles_without_a_shared_database_are_refused_with_a_sentence() {
-    let dir = weights_dir();
+    let dir = common::googlenet_dir();
     for role in ["api", "worker"] {
         let out = serve_command()
             .args(["--offline", "--grpc-addr", "", "--role", role])

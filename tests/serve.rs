@@ -164,17 +164,6 @@ fn wait_until_healthy(addr: &str) -> u16 {
     }
 }
 
-/// A weights dir holding the fixture GoogLeNet.
-fn googlenet_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(
-        common::fixtures().join("googlenet/weights.safetensors"),
-        dir.path().join("googlenet.safetensors"),
-    )
-    .unwrap();
-    dir
-}
-
 /// `cnnserve serve` on `dir` with JSON logs, `extra` flags and `env`, once healthy.
 fn start_server(
     dir: &Path,
@@ -410,7 +399,7 @@ fn get_json(url: &str) -> serde_json::Value {
 /// finds the job failed with the reason and no half-written file.
 #[test]
 fn a_job_cut_off_by_a_kill_shows_failed_after_a_restart() {
-    let dir = googlenet_dir();
+    let dir = common::googlenet_dir();
     let start = || start_server(dir.path(), &[], &[]);
 
     let (mut first, addr, _lines) = start();
@@ -495,7 +484,7 @@ fn post_finetune(
 #[test]
 fn a_kill_at_any_step_of_publishing_leaves_a_consistent_state() {
     for step in ["upload", "staged", "committed", "renamed", "published"] {
-        let dir = googlenet_dir();
+        let dir = common::googlenet_dir();
         let (mut first, addr, _lines) =
             start_server(dir.path(), &[], &[("CNNSERVE_CRASH_AT", step)]);
         let fields = [
@@ -569,7 +558,7 @@ fn a_kill_at_any_step_of_publishing_leaves_a_consistent_state() {
 /// panic is one log line, no backtrace, also with `RUST_BACKTRACE=1`.
 #[test]
 fn a_worker_that_panics_answers_503_and_goes_on() {
-    let dir = googlenet_dir();
+    let dir = common::googlenet_dir();
     let env = [
         ("CNNSERVE_CRASH_AT", "panic-forward"),
         ("RUST_BACKTRACE", "1"),
@@ -620,7 +609,7 @@ fn a_worker_that_panics_answers_503_and_goes_on() {
 fn stalled_clients_are_cut_and_slow_uploads_are_not() {
     use std::io::{Read, Write};
     use std::net::TcpStream;
-    let dir = googlenet_dir();
+    let dir = common::googlenet_dir();
     let flags = ["--header-timeout", "1", "--body-timeout", "1"];
     let (mut child, addr, _lines) = start_server(dir.path(), &flags, &[]);
     // Reads until the server closes; how long that took.

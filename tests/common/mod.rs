@@ -181,6 +181,18 @@ pub fn dataset_zip(per_class: usize) -> Vec<u8> {
     zip.finish().unwrap().into_inner()
 }
 
+/// A weights dir holding the fixture GoogLeNet (a link to it), as each server or replica of a test
+/// gets its own.
+pub fn googlenet_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        fixtures().join("googlenet/weights.safetensors"),
+        dir.path().join("googlenet.safetensors"),
+    )
+    .unwrap();
+    dir
+}
+
 /// `$CNNSERVE_TEST_POSTGRES`: a PostgreSQL server URL whose user may create databases
 /// (`scripts/test.sh` starts one). Tests that need it fail without it, and say how to get one.
 pub fn postgres_server() -> String {
