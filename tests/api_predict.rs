@@ -28,12 +28,7 @@ struct App {
 
 /// A server over a weights dir holding the fixture GoogLeNet as `googlenet.safetensors`.
 fn app_with(config: EngineConfig, payload_limit: usize) -> App {
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(
-        common::fixtures().join("googlenet/weights.safetensors"),
-        dir.path().join("googlenet.safetensors"),
-    )
-    .unwrap();
+    let dir = common::googlenet_dir();
     let engine = Engine::new(config, Arc::new(Metrics::new()));
     let report = engine.reload(dir.path());
     assert_eq!(report.loaded, vec!["googlenet"], "{report:?}");

@@ -35,12 +35,7 @@ struct App {
 
 /// A server over a weights dir holding the fixture GoogLeNet as `googlenet.safetensors`.
 fn app_with(config: EngineConfig, access: Access) -> App {
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(
-        common::fixtures().join("googlenet/weights.safetensors"),
-        dir.path().join("googlenet.safetensors"),
-    )
-    .unwrap();
+    let dir = common::googlenet_dir();
     let engine = Engine::new(config, Arc::new(Metrics::new()));
     let report = engine.reload(dir.path());
     assert_eq!(report.loaded, vec!["googlenet"], "{report:?}");
@@ -1291,12 +1286,7 @@ async fn overload_is_429_over_http_and_resource_exhausted_over_grpc() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_grpc_on_grpc_addr_and_stops_it_on_sigterm() {
     use std::io::{BufRead, BufReader};
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(
-        common::fixtures().join("googlenet/weights.safetensors"),
-        dir.path().join("googlenet.safetensors"),
-    )
-    .unwrap();
+    let dir = common::googlenet_dir();
     let start = |grpc_addr: &str| {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cnnserve"))
             .args(["serve", "--offline", "--json-logs", "--addr", "127.0.0.1:0"])

@@ -77,18 +77,8 @@ struct Server {
 impl Server {
     fn start(extra: &[&str]) -> Self {
         let dir = common::googlenet_dir();
-        let mut command = common::binary::serve_command();
-        command
-            .args([
-                "--offline",
-                "--grpc-addr",
-                "",
-                "--default-model",
-                "googlenet",
-            ])
-            .arg("--weights-dir")
-            .arg(dir.path())
-            .args(extra);
+        let mut command = common::binary::serve_googlenet(dir.path());
+        command.args(extra);
         Self {
             running: common::binary::Running::start(command),
             _dir: dir,

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::binary::{serve_command, Running};
+use common::binary::{serve_googlenet, Running};
 use serde_json::Value;
 
 /// Seconds a claim holds without a heartbeat: short, so that the dead worker's job fails soon.
@@ -26,15 +26,8 @@ fn start(role: &str, id: &str, dir: &Path, database: &str, store: &str) -> Runni
 
 /// `cnnserve serve` as replica `id`, offline, without gRPC.
 fn replica(role: &str, id: &str, dir: &Path, database: &str, store: &str) -> Command {
-    let mut command = serve_command();
+    let mut command = serve_googlenet(dir);
     command
-        .args([
-            "--offline",
-            "--grpc-addr",
-            "",
-            "--default-model",
-            "googlenet",
-        ])
         .args([
             "--role",
             role,
@@ -43,9 +36,7 @@ fn replica(role: &str, id: &str, dir: &Path, database: &str, store: &str) -> Com
             "--database-url",
             database,
         ])
-        .args(["--model-store", store, "--job-lease", &LEASE.to_string()])
-        .arg("--weights-dir")
-        .arg(dir);
+        .args(["--model-store", store, "--job-lease", &LEASE.to_string()]);
     command
 }
 
@@ -307,10 +298,8 @@ fn a_replica_with_other_pretrained_weights_does_not_serve_them() {
 fn split_roles_without_a_shared_database_are_refused_with_a_sentence() {
     let dir = common::googlenet_dir();
     for role in ["api", "worker"] {
-        let out = serve_command()
-            .args(["--offline", "--grpc-addr", "", "--role", role])
-            .args(["--default-model", "googlenet", "--weights-dir"])
-            .arg(dir.path())
+        let out = serve_googlenet(dir.path())
+            .args(["--role", role])
             .output()
             .unwrap();
         assert!(!out.status.success());

@@ -27,6 +27,23 @@ pub fn serve_command() -> Command {
     command
 }
 
+/// [`serve_command`] on `dir` (a weights dir with the fixture GoogLeNet, as from
+/// [`super::googlenet_dir`]): offline, GoogLeNet the default, no gRPC.
+pub fn serve_googlenet(dir: &std::path::Path) -> Command {
+    let mut command = serve_command();
+    command
+        .args([
+            "--offline",
+            "--grpc-addr",
+            "",
+            "--default-model",
+            "googlenet",
+        ])
+        .arg("--weights-dir")
+        .arg(dir);
+    command
+}
+
 impl Running {
     /// Spawns `command` (a [`serve_command`]) and waits until it listens and `/health` is 200.
     pub fn start(mut command: Command) -> Self {
