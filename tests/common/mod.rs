@@ -21,7 +21,13 @@ pub fn fixtures() -> PathBuf {
          vgg11_bn/, googlenet/ and preprocess/). {MAKE_FIXTURES}",
         dir.display()
     );
-    dir
+    absolute(dir)
+}
+
+/// The folder without `..` or links: Chromium refuses to upload a file whose path names a parent
+/// folder, and messages read better with one plain path.
+fn absolute(dir: PathBuf) -> PathBuf {
+    std::fs::canonicalize(&dir).unwrap_or(dir)
 }
 
 /// How to make the fixtures and the data set elsewhere, for the messages of missing ones.
@@ -48,7 +54,7 @@ pub fn data_dir() -> PathBuf {
          {GET_CATANDDOG}",
         dir.display()
     );
-    dir
+    absolute(dir)
 }
 
 /// vgg11_bn's weights ship gzipped (531 MB unpacked); unpack once into the target dir, where the
