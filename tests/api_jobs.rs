@@ -567,6 +567,22 @@ async fn a_restart_keeps_finished_jobs_runs_queued_ones_and_fails_interrupted_on
     store.update(&crashed, None).unwrap();
     drop(store);
     std::fs::write(dir.path().join(".crashed.safetensors.tmp-1-0"), b"half").unwrap();
+    // Two uploads whose job rows were never written (a crash between the two): one still for
+    // two hours, one from a moment ago.
+    let hours_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    for (id, when) in [("orphan00old1", Some(hours_ago)), ("orphan00new1", None)] {
+        let folder = dir.path().join("jobs").join(id);
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join("dataset.zip"), &zip).unwrap();
+        if let Some(when) = when {
+            for path in [folder.join("dataset.zip"), folder] {
+                std::fs::File::open(&path)
+                    .unwrap()
+                    .set_modified(when)
+                    .unwrap();
+            }
+        }
+    }
     drop(second);
 
     // Third life.
@@ -587,6 +603,18 @@ async fn a_restart_keeps_finished_jobs_runs_queued_ones_and_fails_interrupted_on
     assert!(
         !dir.path().join(".crashed.safetensors.tmp-1-0").exists(),
         "no half-written file"
+    );
+    assert!(
+        !dir.path().join("jobs/orphan00old1").exists(),
+        "an upload with no job, still for an hour, is removed"
+    );
+    // With replicas sharing the job store, a young upload may be another replica's in flight;
+    // alone on SQLite, nobody else can be uploading.
+    let shared = common::job_database(dir.path()).is_some();
+    assert_eq!(
+        dir.path().join("jobs/orphan00new1").exists(),
+        shared,
+        "a young upload with no job is kept only when replicas share the job store"
     );
     let job = wait_for(&third.router, &queued, finished).await;
     assert_eq!(job["status"], "succeeded", "the queued job ran: {job}");

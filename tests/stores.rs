@@ -307,6 +307,21 @@ fn objects_are_written_read_listed_moved_and_deleted(store: Arc<dyn ModelStore>)
     store.put("jobs/a1/examples/0.png", b"png").unwrap();
     store.put("jobs/b2/dataset.zip", b"zip").unwrap();
     assert_eq!(store.get("pets.json").unwrap().as_deref(), Some(&b"{}"[..]));
+    // When a folder was last written: now, give or take the clocks; nothing there, none.
+    let written = store.last_modified("jobs/b2").unwrap().expect("written");
+    let off = match written.elapsed() {
+        Ok(ago) => ago,
+        Err(ahead) => ahead.duration(),
+    };
+    assert!(
+        off < Duration::from_secs(300),
+        "last written {off:?} from now"
+    );
+    assert!(
+        store.last_modified("jobs/a1").unwrap().unwrap()
+            <= store.last_modified("jobs").unwrap().unwrap()
+    );
+    assert_eq!(store.last_modified("jobs/none").unwrap(), None);
     assert_eq!(store.list("").unwrap(), ["pets.json"], "top level only");
     assert_eq!(store.folders("jobs").unwrap(), ["a1", "b2"]);
     assert_eq!(

@@ -250,6 +250,11 @@ const EXAMPLE_THUMBNAIL: u32 = 128;
 const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a shared store is polled for other replicas' changes.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// An upload in the model store with no job that has been still this long was cut off by a crash
+/// between its upload and its job's row; younger ones may be another replica's upload in flight.
+const ORPHAN_AGE: Duration = Duration::from_secs(3600);
+/// How often a running server looks for such uploads (besides at start).
+const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(15 * 60);
 /// Where heads fetched from an object store are kept, inside the weights dir.
 const MODEL_CACHE: &str = ".model-cache";
 
@@ -1126,8 +1131,9 @@ impl JobManager {
     }
 
     /// At start: staged models of succeeded jobs are moved into place (the crash came after the
-    /// commit point), those of failed and cancelled jobs removed (before it); local upload
-    /// folders with no job (an upload cut off by a crash) are removed; then the registry is
+    /// commit point), those of failed and cancelled jobs removed (before it); uploads with no job
+    /// (cut off by a crash) are removed: in the model store once still for [`ORPHAN_AGE`], in
+    /// this machine's staging folder at once unless replicas share the job store; then the registry is
     /// brought in line with the model store ([`JobManager::reconcile`]).
     fn recover(&self) -> Result<(), JobError> {
         let jobs: HashMap<String, Job> = self
@@ -1140,6 +1146,7 @@ impl JobManager {
         let models = self.shared.models.as_ref();
         for id in models.folders("jobs")? {
             let Some(job) = jobs.get(&id) else {
+                self.remove_if_orphan(&id);
                 continue;
             };
             let staged = models.list(&format!("jobs/{id}/model"))?;
@@ -1177,6 +1184,53 @@ impl JobManager {
         }
         self.reconcile()?;
         Ok(())
+    }
+
+    /// Removes the uploads in the model store that no job owns, once they have been still for
+    /// [`ORPHAN_AGE`]: what a crash between an upload and its job's row leaves behind. At start
+    /// and every [`ORPHAN_SWEEP_INTERVAL`].
+    fn sweep_orphans(&self) -> Result<(), JobError> {
+        let folders = self.shared.models.folders("jobs")?;
+        if folders.is_empty() {
+            return Ok(());
+        }
+        let known: std::collections::HashSet<String> = self
+            .shared
+            .store
+            .all()?
+            .into_iter()
+            .map(|j| j.job_id)
+            .collect();
+        for id in folders.iter().filter(|id| !known.contains(*id)) {
+            self.remove_if_orphan(id);
+        }
+        Ok(())
+    }
+
+    /// [`JobManager::sweep_orphans`] for one folder with no job: asks the job store once more
+    /// (a job created since the listing is not an orphan) before removing it. A failure is
+    /// logged: the next sweep tries again.
+    fn remove_if_orphan(&self, id: &str) {
+        let prefix = format!("jobs/{id}");
+        let models = self.shared.models.as_ref();
+        let removed = || -> Result<bool, JobError> {
+            let still = models
+                .last_modified(&prefix)?
+                .map(|t| t.elapsed().unwrap_or_default());
+            if still.is_none_or(|still| still < ORPHAN_AGE) || self.shared.store.get(id)?.is_some()
+            {
+                return Ok(false);
+            }
+            models.delete_prefix(&prefix)?;
+            Ok(true)
+        };
+        match removed() {
+            Ok(true) => tracing::info!(job = %id, "removed an upload whose job was never created"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(job = %id, error = %e, "cannot remove an upload whose job was never created")
+            }
+        }
     }
 
     /// Brings the registry in line with the model store: heads found in the store without a
@@ -1363,6 +1417,7 @@ impl JobManager {
             (config.lease / 3).clamp(Duration::from_millis(200), Duration::from_secs(2));
         let mut last_beat = Instant::now();
         let mut last_sync = Instant::now();
+        let mut last_sweep = Instant::now();
         let mut seen: HashMap<String, Job> = HashMap::new();
         let mut version = match self.shared.store.changes(0) {
             Ok((version, jobs)) => {
@@ -1387,6 +1442,12 @@ impl JobManager {
             if last_beat.elapsed() >= heartbeat {
                 last_beat = Instant::now();
                 self.beat();
+            }
+            if last_sweep.elapsed() >= ORPHAN_SWEEP_INTERVAL {
+                last_sweep = Instant::now();
+                if let Err(e) = self.sweep_orphans() {
+                    tracing::warn!(error = %e, "cannot look for uploads whose job was never created");
+                }
             }
             if !shared_store {
                 continue;

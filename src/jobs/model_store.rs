@@ -14,6 +14,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use futures_util::TryStreamExt;
 use object_store::path::Path as Key;
@@ -67,6 +68,9 @@ pub trait ModelStore: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<String>, ModelStoreError>;
     /// Sub-folder names directly under `prefix`.
     fn folders(&self, prefix: &str) -> Result<Vec<String>, ModelStoreError>;
+    /// When anything under `prefix/` (at any depth) was last written; `None` when nothing is
+    /// there. A folder's own time and writes in progress count: they are activity too.
+    fn last_modified(&self, prefix: &str) -> Result<Option<SystemTime>, ModelStoreError>;
     /// Where a key is on this machine's disk, when the store is a folder.
     fn local_path(&self, key: &str) -> Option<PathBuf>;
 }
@@ -189,6 +193,26 @@ impl ModelStore for FolderStore {
 
     fn folders(&self, prefix: &str) -> Result<Vec<String>, ModelStoreError> {
         self.entries(prefix, true)
+    }
+
+    fn last_modified(&self, prefix: &str) -> Result<Option<SystemTime>, ModelStoreError> {
+        fn newest(path: &Path) -> std::io::Result<Option<SystemTime>> {
+            let meta = match std::fs::symlink_metadata(path) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let mut time = meta.modified()?;
+            if meta.is_dir() {
+                for entry in std::fs::read_dir(path)? {
+                    if let Some(t) = newest(&entry?.path())? {
+                        time = time.max(t);
+                    }
+                }
+            }
+            Ok(Some(time))
+        }
+        Ok(newest(&self.path(prefix))?)
     }
 
     fn local_path(&self, key: &str) -> Option<PathBuf> {
@@ -440,6 +464,17 @@ impl ModelStore for ObjectStore {
             let mut names: Vec<String> = listed.common_prefixes.iter().map(Self::name_of).collect();
             names.sort();
             Ok(names)
+        })
+    }
+
+    fn last_modified(&self, prefix: &str) -> Result<Option<SystemTime>, ModelStoreError> {
+        let under = self.prefix_key(prefix);
+        self.run(async {
+            let objects: Vec<_> = self.store.list(under.as_ref()).try_collect().await?;
+            Ok(objects
+                .iter()
+                .map(|m| SystemTime::from(m.last_modified))
+                .max())
         })
     }
 
