@@ -630,6 +630,69 @@ async fn a_restart_keeps_finished_jobs_runs_queued_ones_and_fails_interrupted_on
     assert_eq!(ids[0], queued.as_str(), "newest first");
 }
 
+/// Between a job's commit (succeeded, its model registered) and the move of its files into
+/// place, neither a rescan (which unregisters models whose weights are gone) nor a purge of the
+/// job (which deletes its folder in the model store) may lose the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_recorded_but_still_staged_survives_a_rescan_and_a_purge() {
+    use cnnserve::jobs::Checkpoint;
+    let dir = common::googlenet_dir();
+    let app = app(dir.path(), 1 << 30, true);
+    let url = common::job_database(dir.path())
+        .unwrap_or_else(|| format!("sqlite:{}", dir.path().join("jobs.sqlite").display()));
+    let registry = cnnserve::jobs::store::open(&url).unwrap();
+    let zip = dataset_zip(4);
+    for (name, action) in [("rescanned", "rescan"), ("purged", "purge")] {
+        let hold = app.jobs.hold(Checkpoint::Recorded);
+        let fields = [("base_model", "googlenet"), ("name", name), ("epochs", "1")];
+        let (s, _, job) = send(&app.router, finetune(&fields, Some(&zip))).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+        let id = job["job_id"].as_str().unwrap().to_string();
+        let reached =
+            tokio::task::block_in_place(|| hold.wait_until_reached(Duration::from_secs(120)));
+        assert!(reached, "the job never got past its commit");
+        let weights = dir.path().join(format!("{name}.safetensors"));
+        assert!(!weights.exists(), "held before its files are moved");
+        let (s, job) = get(&app.router, &format!("/jobs/{id}")).await;
+        assert_eq!(
+            (s, job["status"].as_str()),
+            (StatusCode::OK, Some("succeeded")),
+            "{name}: {job}"
+        );
+        if action == "rescan" {
+            let request = Request::post("/models/reload").body(Body::empty()).unwrap();
+            let (s, _, report) = send(&app.router, request).await;
+            assert_eq!(s, StatusCode::OK, "{report}");
+            let registered = registry.models().unwrap();
+            assert!(
+                registered.iter().any(|m| m.name == name),
+                "a rescan keeps a committed model registered: {registered:?}"
+            );
+        } else {
+            let (s, answer) = delete(&app.router, &format!("/jobs/{id}?purge=true")).await;
+            assert_eq!(s, StatusCode::OK, "{answer}");
+        }
+        drop(hold);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while app.engine.get(name).is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(app.engine.get(name).is_some(), "{name} is served");
+        assert!(weights.is_file(), "{name}'s weights are in place");
+        assert!(dir.path().join(format!("{name}.json")).is_file());
+    }
+    // And after a restart, from the registry.
+    app.jobs.shutdown();
+    drop(app);
+    let again = self::app(dir.path(), 1 << 30, false);
+    for name in ["rescanned", "purged"] {
+        assert!(
+            again.engine.get(name).is_some(),
+            "{name} served after a restart"
+        );
+    }
+}
+
 /// Cancel and finish cannot both win. Held just before its commit point, a finished training
 /// is cancelled (202) and ends `cancelled` with no model; held just after it, the cancel is
 /// answered 409 and the job ends `succeeded` with its model served.
@@ -642,6 +705,7 @@ async fn a_cancel_either_stops_the_job_or_is_refused_never_both() {
     for (at, name) in [
         (Checkpoint::BeforeCommit, "early"),
         (Checkpoint::AfterCommit, "late"),
+        (Checkpoint::Recorded, "recorded"),
     ] {
         let hold = app.jobs.hold(at);
         let fields = [("base_model", "googlenet"), ("name", name), ("epochs", "1")];
@@ -669,6 +733,24 @@ async fn a_cancel_either_stops_the_job_or_is_refused_never_both() {
                     "{answer}"
                 );
                 assert_eq!(job["status"], "succeeded", "{job}");
+                assert!(app.engine.get(name).is_some(), "published");
+                assert!(model_file.exists());
+            }
+            Checkpoint::Recorded => {
+                assert_eq!(s, StatusCode::CONFLICT, "{answer}");
+                assert!(
+                    answer["error"]
+                        .as_str()
+                        .unwrap()
+                        .contains("already succeeded"),
+                    "{answer}"
+                );
+                assert_eq!(job["status"], "succeeded", "{job}");
+                // Recorded before it is published: the model follows a moment later.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while app.engine.get(name).is_none() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 assert!(app.engine.get(name).is_some(), "published");
                 assert!(model_file.exists());
             }

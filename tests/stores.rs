@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cnnserve::jobs::model_store::{self, ModelStore};
-use cnnserve::jobs::store::{self, CancelOutcome, JobStore, ModelRecord, StoreError};
+use cnnserve::jobs::store::{self, CancelOutcome, Cursor, JobStore, ModelRecord, StoreError};
 use cnnserve::jobs::{Job, Status};
 
 fn job(id: &str, name: &str) -> Job {
@@ -24,6 +24,15 @@ fn job(id: &str, name: &str) -> Job {
         "progress": null, "history": [], "result": null, "error": null
     }))
     .unwrap()
+}
+
+/// The base models a replica in these tests has loaded: the one every test job is on.
+fn ids(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+fn bases() -> Vec<String> {
+    vec!["googlenet".to_string()]
 }
 
 fn meta(name: &str) -> cnnserve::weights::finetuned::FineTunedMeta {
@@ -102,7 +111,10 @@ fn each_queued_job_is_claimed_by_exactly_one_replica(p: Pair) {
                 s.spawn(move || {
                     let owner = format!("replica-{t}");
                     let mut mine = Vec::new();
-                    while let Some(job) = store.claim(&owner, Duration::from_secs(30)).unwrap() {
+                    while let Some(job) = store
+                        .claim(&owner, &bases(), Duration::from_secs(30))
+                        .unwrap()
+                    {
                         assert_eq!(job.status, Status::Running);
                         assert!(job.started_at.is_some());
                         mine.push((job.job_id, owner.clone()));
@@ -121,12 +133,40 @@ fn each_queued_job_is_claimed_by_exactly_one_replica(p: Pair) {
     assert_eq!(ids.len(), 6, "a job was claimed twice: {claimed:?}");
     assert!(p
         .b
-        .claim("late", Duration::from_secs(30))
+        .claim("late", &bases(), Duration::from_secs(30))
         .unwrap()
         .is_none());
     // The oldest job goes first.
     let c = sqlite_or_pg_order(&p, "c0");
     assert_eq!(c.status, Status::Running);
+}
+
+fn a_replica_claims_only_jobs_on_the_base_models_it_has(p: Pair) {
+    let mut vgg = job("v1", "on-vgg");
+    vgg.base_model = "vgg11_bn".into();
+    p.a.create(&vgg).unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    p.a.create(&job("g1", "on-googlenet")).unwrap();
+    let got =
+        p.b.claim("googlenet-only", &bases(), Duration::from_secs(30))
+            .unwrap();
+    assert_eq!(
+        got.map(|j| j.job_id).as_deref(),
+        Some("g1"),
+        "the older vgg job is left"
+    );
+    assert!(p
+        .b
+        .claim("googlenet-only", &bases(), Duration::from_secs(30))
+        .unwrap()
+        .is_none());
+    let got =
+        p.a.claim("has-vgg", &ids(&["vgg11_bn"]), Duration::from_secs(30))
+            .unwrap();
+    assert_eq!(got.map(|j| j.job_id).as_deref(), Some("v1"));
+    let mut counts = p.b.counts().unwrap();
+    counts.sort();
+    assert_eq!(counts, vec![("running".to_string(), 2)]);
 }
 
 fn sqlite_or_pg_order(p: &Pair, id: &str) -> Job {
@@ -135,22 +175,39 @@ fn sqlite_or_pg_order(p: &Pair, id: &str) -> Job {
 
 fn a_lease_that_is_not_renewed_runs_out_and_the_job_fails(p: Pair) {
     p.a.create(&job("l1", "one")).unwrap();
+    std::thread::sleep(Duration::from_millis(2));
     p.a.create(&job("l2", "two")).unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    p.a.create(&job("l3", "three")).unwrap();
     let lease = Duration::from_millis(600);
-    let first = p.a.claim("alive", lease).unwrap().unwrap();
-    let second = p.a.claim("dead", lease).unwrap().unwrap();
+    let first = p.a.claim("alive", &bases(), lease).unwrap().unwrap();
+    let second = p.a.claim("dead", &bases(), lease).unwrap().unwrap();
+    // Held by the live replica, but no thread of it works on this one any more.
+    let given_up = p.a.claim("alive", &bases(), lease).unwrap().unwrap();
     assert_eq!(
-        (first.job_id.as_str(), second.job_id.as_str()),
-        ("l1", "l2")
+        [
+            first.job_id.as_str(),
+            second.job_id.as_str(),
+            given_up.job_id.as_str()
+        ],
+        ["l1", "l2", "l3"]
     );
     for _ in 0..4 {
         std::thread::sleep(Duration::from_millis(250));
-        let held = p.a.renew("alive", lease).unwrap();
+        // Another replica's job is not renewed by naming it.
+        let held = p.a.renew("alive", &ids(&["l1", "l2"]), lease).unwrap();
         assert_eq!(held, vec![("l1".to_string(), false)]);
     }
-    let expired = p.b.expire().unwrap();
-    assert_eq!(expired.len(), 1, "{expired:?}");
-    assert_eq!(expired[0].job_id, "l2");
+    let mut expired = p.b.expire().unwrap();
+    expired.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+    assert_eq!(
+        expired
+            .iter()
+            .map(|j| j.job_id.as_str())
+            .collect::<Vec<_>>(),
+        ["l2", "l3"],
+        "{expired:?}"
+    );
     assert_eq!(expired[0].status, Status::Failed);
     assert!(expired[0]
         .error
@@ -173,8 +230,10 @@ fn a_lease_that_is_not_renewed_runs_out_and_the_job_fails(p: Pair) {
 fn a_restart_fails_only_the_jobs_of_its_own_replica(p: Pair) {
     p.a.create(&job("r1", "one")).unwrap();
     p.a.create(&job("r2", "two")).unwrap();
-    p.a.claim("me", Duration::from_secs(30)).unwrap().unwrap();
-    p.a.claim("other", Duration::from_secs(30))
+    p.a.claim("me", &bases(), Duration::from_secs(30))
+        .unwrap()
+        .unwrap();
+    p.a.claim("other", &bases(), Duration::from_secs(30))
         .unwrap()
         .unwrap();
     let failed =
@@ -190,14 +249,20 @@ fn a_restart_fails_only_the_jobs_of_its_own_replica(p: Pair) {
 fn a_cancel_reaches_the_owner_unless_the_job_is_publishing(p: Pair) {
     p.a.create(&job("x1", "one")).unwrap();
     p.a.create(&job("x2", "two")).unwrap();
-    p.a.claim("w", Duration::from_secs(30)).unwrap().unwrap();
-    p.a.claim("w", Duration::from_secs(30)).unwrap().unwrap();
+    p.a.claim("w", &bases(), Duration::from_secs(30))
+        .unwrap()
+        .unwrap();
+    p.a.claim("w", &bases(), Duration::from_secs(30))
+        .unwrap()
+        .unwrap();
     // x1: cancelled from another replica before its commit point.
     assert!(matches!(
         p.b.cancel("x1").unwrap(),
         CancelOutcome::Requested(_)
     ));
-    let mut held = p.a.renew("w", Duration::from_secs(30)).unwrap();
+    let mut held =
+        p.a.renew("w", &ids(&["x1", "x2"]), Duration::from_secs(30))
+            .unwrap();
     held.sort();
     assert_eq!(
         held,
@@ -221,12 +286,17 @@ fn a_cancel_reaches_the_owner_unless_the_job_is_publishing(p: Pair) {
 
 fn finishing_a_job_registers_its_model_in_the_same_transaction(p: Pair) {
     p.a.create(&job("f1", "pets")).unwrap();
-    let (version, _) = p.b.changes(0).unwrap();
-    let mut running = p.a.claim("w", Duration::from_secs(30)).unwrap().unwrap();
-    let (after_claim, changed) = p.b.changes(version).unwrap();
-    assert!(after_claim > version);
+    let (cursor, _) = p.b.changes(&Cursor::default()).unwrap();
+    let mut running =
+        p.a.claim("w", &bases(), Duration::from_secs(30))
+            .unwrap()
+            .unwrap();
+    let (after_claim, changed) = p.b.changes(&cursor).unwrap();
+    assert!(after_claim.version > cursor.version);
     assert_eq!(changed.len(), 1);
     assert_eq!(changed[0].status, Status::Running);
+    let (_, again) = p.b.changes(&after_claim).unwrap();
+    assert!(again.is_empty(), "each write is told once: {again:?}");
     running.status = Status::Succeeded;
     let record = ModelRecord {
         name: "pets".into(),
@@ -241,11 +311,26 @@ fn finishing_a_job_registers_its_model_in_the_same_transaction(p: Pair) {
         p.b.models().unwrap().is_empty(),
         "nothing registered by a refused finish"
     );
+    // A head registered under the name meanwhile (found in the model store): the finish is
+    // refused whole, and the job still runs.
+    let squatter = ModelRecord {
+        job_id: None,
+        ..record.clone()
+    };
+    assert!(p.a.register(&squatter).unwrap());
+    assert!(matches!(
+        p.b.finish(&running, "w", Some(&record)),
+        Err(StoreError::NameTaken(n)) if n == "pets"
+    ));
+    assert_eq!(p.a.get("f1").unwrap().unwrap().status, Status::Running);
+    assert!(p.a.unregister("pets").unwrap());
     p.b.finish(&running, "w", Some(&record)).unwrap();
     assert_eq!(p.a.models().unwrap(), vec![record]);
     assert_eq!(p.a.get("f1").unwrap().unwrap().status, Status::Succeeded);
     assert!(
-        p.a.renew("w", Duration::from_secs(30)).unwrap().is_empty(),
+        p.a.renew("w", &ids(&["f1"]), Duration::from_secs(30))
+            .unwrap()
+            .is_empty(),
         "released"
     );
     // Finished jobs can be forgotten; unfinished ones cannot.
@@ -279,12 +364,74 @@ macro_rules! both_databases {
 both_databases!(
     names_are_reserved_by_unfinished_jobs_and_models,
     each_queued_job_is_claimed_by_exactly_one_replica,
+    a_replica_claims_only_jobs_on_the_base_models_it_has,
     a_lease_that_is_not_renewed_runs_out_and_the_job_fails,
     a_restart_fails_only_the_jobs_of_its_own_replica,
     a_cancel_reaches_the_owner_unless_the_job_is_publishing,
     finishing_a_job_registers_its_model_in_the_same_transaction,
     pretrained_digests_must_agree,
 );
+
+/// On PostgreSQL a row's version is taken when it is written and seen when its transaction
+/// commits, so a write holding an earlier version can commit after a later one was read: the
+/// follower is still told it, once.
+#[test]
+fn a_follower_is_told_a_write_that_commits_after_a_later_one() {
+    let url = common::fresh_postgres();
+    let (writer, follower) = (store::open(&url).unwrap(), store::open(&url).unwrap());
+    writer.create(&job("slow", "one")).unwrap();
+    writer.create(&job("fast", "two")).unwrap();
+    let (cursor, _) = follower.changes(&Cursor::default()).unwrap();
+
+    // The store's own write of a job, held open between taking its version and committing.
+    let (written_tx, written) = std::sync::mpsc::channel();
+    let (commit_tx, commit) = std::sync::mpsc::channel::<()>();
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let held = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(connection);
+            let tx = client.transaction().await.unwrap();
+            let mut slow = job("slow", "one");
+            slow.status = Status::Cancelled;
+            tx.execute(
+                "UPDATE jobs SET status = $2, job = $3, version = nextval('job_versions'),
+                     writer = pg_current_xact_id() WHERE id = $1",
+                &[&"slow", &"cancelled", &tokio_postgres::types::Json(&slow)],
+            )
+            .await
+            .unwrap();
+            written_tx.send(()).unwrap();
+            commit.recv().unwrap();
+            tx.commit().await.unwrap();
+        })
+    });
+    written.recv().unwrap();
+    let mut fast = job("fast", "two");
+    fast.status = Status::Cancelled;
+    writer.update(&fast, None).unwrap();
+    let (after_fast, told) = follower.changes(&cursor).unwrap();
+    assert_eq!(
+        told.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(),
+        ["fast"]
+    );
+    commit_tx.send(()).unwrap();
+    held.join().unwrap();
+    let (after_slow, told) = follower.changes(&after_fast).unwrap();
+    assert_eq!(
+        told.iter()
+            .map(|j| (j.job_id.as_str(), j.status))
+            .collect::<Vec<_>>(),
+        [("slow", Status::Cancelled)],
+        "the write that committed last, with the earlier version"
+    );
+    let (_, told) = follower.changes(&after_slow).unwrap();
+    assert!(told.is_empty(), "told once: {told:?}");
+}
 
 #[test]
 fn a_database_url_that_is_neither_is_refused_with_a_sentence() {

@@ -33,7 +33,7 @@ use crate::train::fit::{EpochMetrics, Evaluation, Example, Phase, Progress};
 use crate::train::{self, Dataset, DatasetLimits, Event, Params, TrainError};
 use crate::weights::finetuned::FineTunedMeta;
 use model_store::{ModelStore, ModelStoreError};
-use store::{CancelOutcome, JobStore, ModelRecord, StoreError};
+use store::{CancelOutcome, Cursor, JobStore, ModelRecord, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -253,6 +253,8 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 /// An upload in the model store with no job that has been still this long was cut off by a crash
 /// between its upload and its job's row; younger ones may be another replica's upload in flight.
 const ORPHAN_AGE: Duration = Duration::from_secs(3600);
+/// The longest a follower holds back a finished job's `done` for its model to be served here.
+const DONE_WAIT: Duration = Duration::from_secs(30);
 /// How often a running server looks for such uploads (besides at start).
 const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(15 * 60);
 /// Where heads fetched from an object store are kept, inside the weights dir.
@@ -271,11 +273,13 @@ struct State {
 }
 
 /// Where a job can be held by [`JobManager::hold`] (a test aid): just before its commit point
-/// (where a cancel still wins) or just after it (where a cancel is too late).
+/// (where a cancel still wins), just after it (where a cancel is too late), or once its outcome
+/// is recorded and its model registered but still staged (not moved into place yet).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checkpoint {
     BeforeCommit,
     AfterCommit,
+    Recorded,
 }
 
 #[derive(Default)]
@@ -308,9 +312,17 @@ impl Hold {
 }
 
 impl Drop for Hold {
+    /// Lets the held jobs go on, and waits (a little) until they have left the checkpoint, so
+    /// that a next hold does not catch them again.
     fn drop(&mut self) {
-        self.0.gate.state.lock().expect("gate lock").held = None;
-        self.0.gate.changed.notify_all();
+        let gate = &self.0.gate;
+        let mut state = gate.state.lock().expect("gate lock");
+        state.held = None;
+        gate.changed.notify_all();
+        let _ = gate
+            .changed
+            .wait_timeout_while(state, Duration::from_secs(10), |s| s.waiting > 0)
+            .expect("gate lock");
     }
 }
 
@@ -417,8 +429,8 @@ impl JobManager {
         Ok(manager)
     }
 
-    /// Starts the training threads (when this replica trains) and the thread that renews leases,
-    /// fails expired ones and follows other replicas' changes.
+    /// Starts the training threads (when this replica trains), the heartbeat that renews leases
+    /// and fails expired ones, and the watcher that follows other replicas' changes.
     pub fn start(&self) -> Result<(), JobError> {
         if self.shared.config.train {
             for i in 0..self.shared.config.max_concurrent_jobs.max(1) {
@@ -428,6 +440,10 @@ impl JobManager {
                     .spawn(move || worker.work())?;
             }
         }
+        let heart = self.clone();
+        std::thread::Builder::new()
+            .name("jobs-heartbeat".into())
+            .spawn(move || heart.heartbeat())?;
         let watcher = self.clone();
         std::thread::Builder::new()
             .name("jobs-watch".into())
@@ -628,7 +644,14 @@ impl JobManager {
                 job.status.as_str()
             )));
         }
-        self.shared.models.delete_prefix(&format!("jobs/{id}"))?;
+        let models = self.shared.models.as_ref();
+        if job.status == Status::Succeeded && !models.list(&format!("jobs/{id}/model"))?.is_empty()
+        {
+            // Committed but not moved yet (its replica is publishing it, or stopped before it
+            // could): the model is the job's outcome, and outlives it.
+            move_staged(models, id, &job.name)?;
+        }
+        models.delete_prefix(&format!("jobs/{id}"))?;
         let dir = self.job_dir(id);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
@@ -703,22 +726,25 @@ impl JobManager {
     }
 
     fn update_gauges(&self) {
-        let jobs = match self.shared.store.all() {
-            Ok(jobs) => jobs,
+        let counts = match self.shared.store.counts() {
+            Ok(counts) => counts,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot count jobs");
                 return;
             }
         };
         for status in Status::ALL {
-            let n = jobs.iter().filter(|j| j.status == status).count();
+            let n = counts
+                .iter()
+                .find(|(s, _)| s == status.as_str())
+                .map_or(0, |(_, n)| *n);
             self.shared
                 .metrics
                 .jobs
                 .get_or_create(&JobLabels {
                     status: status.as_str().to_string(),
                 })
-                .set(n as i64);
+                .set(n);
         }
     }
 
@@ -731,10 +757,20 @@ impl JobManager {
                     return;
                 }
             }
-            let claimed = self
+            // Only jobs this replica can train: their base model is loaded here.
+            let bases: Vec<String> = self
                 .shared
-                .store
-                .claim(&self.shared.config.replica, self.shared.config.lease);
+                .engine
+                .models()
+                .iter()
+                .filter(|c| c.kind == ModelKind::Pretrained)
+                .map(|c| c.name.clone())
+                .collect();
+            let claimed = self.shared.store.claim(
+                &self.shared.config.replica,
+                &bases,
+                self.shared.config.lease,
+            );
             let job = match claimed {
                 Ok(Some(job)) => job,
                 Ok(None) => {
@@ -763,6 +799,7 @@ impl JobManager {
             };
             if let Err(e) = self.run(job, dataset, &cancel) {
                 tracing::error!(job = %id, error = %e, "could not record the job's state");
+                self.give_up(&id, &e);
             }
             if self.shared.models.local_path(&dataset_key(&id)) != Some(self.dataset_path(&id)) {
                 // This machine's copies of the upload and pictures: the store has them.
@@ -773,6 +810,44 @@ impl JobManager {
             state.publishing.remove(&id);
             state.running.remove(&id);
         }
+    }
+
+    /// After a job's run could not record its state (the database or the model store failed
+    /// under it): the job is recorded failed if it still runs here; else, its lease no longer
+    /// renewed, another heartbeat fails it.
+    fn give_up(&self, id: &str, error: &JobError) {
+        let job = self
+            .shared
+            .state
+            .lock()
+            .expect("job state lock")
+            .running
+            .remove(id);
+        let Some(job) = job else {
+            // Past the commit point: its outcome is recorded; the next start publishes its model.
+            return;
+        };
+        self.remove_staged(id);
+        let job = store::failed(
+            job,
+            &format!("failed: its state could not be recorded ({error})"),
+        );
+        match self
+            .shared
+            .store
+            .finish(&job, &self.shared.config.replica, None)
+        {
+            Ok(()) => {
+                let _ = self
+                    .shared
+                    .events
+                    .send(JobEvent::Done { job: Box::new(job) });
+            }
+            Err(e) => {
+                tracing::warn!(job = %id, error = %e, "the job is left to its lease, which runs out")
+            }
+        }
+        self.update_gauges();
     }
 
     /// Holds every job that reaches `at` until the guard is dropped. A test aid, for seeing a
@@ -794,6 +869,7 @@ impl JobManager {
             state = gate.changed.wait(state).expect("gate lock");
         }
         state.waiting -= 1;
+        gate.changed.notify_all();
     }
 
     /// The commit point's first half: from here the job's model is saved and published, and a
@@ -913,6 +989,7 @@ impl JobManager {
             .remove(&job.job_id);
         if let Some(classifier) = staged {
             crate::crash::point("committed");
+            self.checkpoint(Checkpoint::Recorded);
             self.publish(&job.job_id, classifier)?;
         }
         self.update_gauges();
@@ -1234,8 +1311,9 @@ impl JobManager {
     }
 
     /// Brings the registry in line with the model store: heads found in the store without a
-    /// registration are registered (put there by hand, or from before the registry), and
-    /// registrations whose weights are gone (a delete cut short) are removed.
+    /// registration are registered (put there by hand, or from before the registry), heads
+    /// committed but still staged are moved into place, and registrations whose weights are gone
+    /// (a delete cut short) are removed.
     pub fn reconcile(&self) -> Result<(), JobError> {
         let models = self.shared.models.as_ref();
         let store = self.shared.store.as_ref();
@@ -1243,6 +1321,18 @@ impl JobManager {
         let registered = store.models()?;
         for record in &registered {
             if !keys.contains(&format!("{}.safetensors", record.name)) {
+                if let Some(job) = &record.job_id {
+                    if !models.list(&format!("jobs/{job}/model"))?.is_empty() {
+                        // Committed, not moved yet: its replica is publishing it (or stopped
+                        // before it could). Moving it again is harmless.
+                        move_staged(models, job, &record.name)?;
+                        continue;
+                    }
+                }
+                if models.exists(&format!("{}.safetensors", record.name))? {
+                    // Moved into place since the listing.
+                    continue;
+                }
                 tracing::info!(model = %record.name, "unregistering a model whose weights are gone");
                 models.delete(&format!("{}.json", record.name))?;
                 store.unregister(&record.name)?;
@@ -1407,42 +1497,47 @@ impl JobManager {
         Ok(())
     }
 
-    /// The watcher: renews this replica's leases (and hears cancels sent to other replicas),
-    /// fails jobs whose lease ran out, and with a shared store relays other replicas' job
-    /// changes as events and serves the registry's models.
+    /// Waits `timeout`, or less when the manager stops; true when it stopped.
+    fn stopped_within(&self, timeout: Duration) -> bool {
+        let stopped = self.shared.stopped.0.lock().expect("stop lock");
+        let (stopped, _) = self
+            .shared
+            .stopped
+            .1
+            .wait_timeout_while(stopped, timeout, |s| !*s)
+            .expect("stop lock");
+        *stopped
+    }
+
+    /// The heartbeat, on a thread of its own so that nothing slow (a head being fetched and
+    /// loaded, a listing of the model store) delays it past a lease: renews the leases of the
+    /// jobs this replica is running (and hears cancels sent to other replicas), and fails jobs
+    /// whose lease ran out.
+    fn heartbeat(&self) {
+        let every = (self.shared.config.lease / 3)
+            .clamp(Duration::from_millis(200), Duration::from_secs(2));
+        while !self.stopped_within(every) {
+            self.beat();
+        }
+    }
+
+    /// The watcher: with a shared store, relays other replicas' job changes as events and serves
+    /// the registry's models; now and then, removes uploads no job owns.
     fn watch(&self) {
-        let config = &self.shared.config;
         let shared_store = self.shared.store.is_shared();
-        let heartbeat =
-            (config.lease / 3).clamp(Duration::from_millis(200), Duration::from_secs(2));
-        let mut last_beat = Instant::now();
         let mut last_sync = Instant::now();
         let mut last_sweep = Instant::now();
         let mut seen: HashMap<String, Job> = HashMap::new();
-        let mut version = match self.shared.store.changes(0) {
-            Ok((version, jobs)) => {
+        // Succeeded elsewhere; told `done` once their model is served here.
+        let mut waiting: Vec<(Job, Instant)> = Vec::new();
+        let mut cursor = match self.shared.store.changes(&Cursor::default()) {
+            Ok((cursor, jobs)) => {
                 seen.extend(jobs.into_iter().map(|j| (j.job_id.clone(), j)));
-                version
+                cursor
             }
-            Err(_) => 0,
+            Err(_) => Cursor::default(),
         };
-        loop {
-            {
-                let stopped = self.shared.stopped.0.lock().expect("stop lock");
-                let (stopped, _) = self
-                    .shared
-                    .stopped
-                    .1
-                    .wait_timeout_while(stopped, WATCH_INTERVAL.min(heartbeat), |s| !*s)
-                    .expect("stop lock");
-                if *stopped {
-                    return;
-                }
-            }
-            if last_beat.elapsed() >= heartbeat {
-                last_beat = Instant::now();
-                self.beat();
-            }
+        while !self.stopped_within(WATCH_INTERVAL) {
             if last_sweep.elapsed() >= ORPHAN_SWEEP_INTERVAL {
                 last_sweep = Instant::now();
                 if let Err(e) = self.sweep_orphans() {
@@ -1452,23 +1547,35 @@ impl JobManager {
             if !shared_store {
                 continue;
             }
-            match self.shared.store.changes(version) {
+            match self.shared.store.changes(&cursor) {
                 Ok((next, jobs)) => {
-                    version = next;
+                    cursor = next;
                     for job in jobs {
-                        self.relay(seen.get(&job.job_id), &job);
+                        if let Some(job) = self.relay(seen.get(&job.job_id), &job) {
+                            waiting.push((job, Instant::now()));
+                        }
                         seen.insert(job.job_id.clone(), job);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot follow the job store"),
             }
-            if last_sync.elapsed() >= Duration::from_secs(1) {
+            // A model just finished elsewhere is fetched at once rather than on the next tick.
+            if !waiting.is_empty() || last_sync.elapsed() >= Duration::from_secs(1) {
                 last_sync = Instant::now();
                 if let Err(e) = self.sync(false) {
                     tracing::warn!(error = %e, "cannot follow the model registry");
                 }
                 self.update_gauges();
             }
+            waiting.retain(|(job, since)| {
+                if !self.serves_model_of(job) && since.elapsed() < DONE_WAIT {
+                    return true;
+                }
+                let _ = self.shared.events.send(JobEvent::Done {
+                    job: Box::new(job.clone()),
+                });
+                false
+            });
         }
     }
 
@@ -1476,8 +1583,18 @@ impl JobManager {
     fn beat(&self) {
         let store = &self.shared.store;
         let config = &self.shared.config;
-        if config.train {
-            match store.renew(&config.replica, config.lease) {
+        let working = config.train && {
+            let state = self.shared.state.lock().expect("job state lock");
+            !state.cancel.is_empty()
+        };
+        if working {
+            // Only the jobs a thread here is working on: a job whose thread gave up without
+            // recording its end loses its lease, and another heartbeat fails it.
+            let working: Vec<String> = {
+                let state = self.shared.state.lock().expect("job state lock");
+                state.cancel.keys().cloned().collect()
+            };
+            match store.renew(&config.replica, &working, config.lease) {
                 Ok(held) => {
                     let state = self.shared.state.lock().expect("job state lock");
                     for (id, cancel) in held {
@@ -1505,9 +1622,17 @@ impl JobManager {
 
     /// Turns another replica's write of a job into the events its own subscribers would have
     /// heard.
-    fn relay(&self, before: Option<&Job>, job: &Job) {
-        if self.running(&job.job_id).is_some() {
-            return;
+    ///
+    /// Returns a succeeded job whose `done` must wait until its model is served here (a
+    /// subscriber told `done` asks the model at once).
+    fn relay(&self, before: Option<&Job>, job: &Job) -> Option<Job> {
+        let ours = {
+            let state = self.shared.state.lock().expect("job state lock");
+            // A thread here runs it (or is publishing it): that thread tells its subscribers.
+            state.running.contains_key(&job.job_id) || state.cancel.contains_key(&job.job_id)
+        };
+        if ours {
+            return None;
         }
         let id = &job.job_id;
         let events = &self.shared.events;
@@ -1527,10 +1652,34 @@ impl JobManager {
             }
         }
         if job.status.is_finished() && !before.is_some_and(|b| b.status.is_finished()) {
+            if job.status == Status::Succeeded && !self.serves_model_of(job) {
+                return Some(job.clone());
+            }
             let _ = events.send(JobEvent::Done {
                 job: Box::new(job.clone()),
             });
         }
+        None
+    }
+
+    /// Whether a succeeded job's model is served here, or never will be (this replica serves
+    /// nothing, or the model could not be loaded or is gone): then its `done` can be told.
+    fn serves_model_of(&self, job: &Job) -> bool {
+        let Some(result) = &job.result else {
+            return true;
+        };
+        !self.shared.config.serve
+            || self
+                .shared
+                .engine
+                .get(&result.model)
+                .is_some_and(|c| c.meta.is_some())
+            || self
+                .shared
+                .unloadable
+                .lock()
+                .expect("unloadable lock")
+                .contains_key(&result.model)
     }
 }
 

@@ -47,6 +47,22 @@ pub struct ModelRecord {
     pub meta: FineTunedMeta,
 }
 
+/// Where a follower's last look at the job table ended ([`JobStore::changes`]).
+///
+/// Versions are handed out when a row is written, not when its transaction commits: on
+/// PostgreSQL a write that took version 100 can commit after one that took 101 was read. So the
+/// cursor also keeps the oldest transaction still open at that look (`horizon`): rows written by
+/// it or later are read again next time, less the versions already returned (`returned`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// The highest version returned.
+    pub version: i64,
+    /// PostgreSQL: the oldest transaction id open at the last look.
+    pub horizon: i64,
+    /// PostgreSQL: versions returned whose writers are not older than `horizon`.
+    pub returned: Vec<i64>,
+}
+
 /// What a cancel found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CancelOutcome {
@@ -78,15 +94,31 @@ pub trait JobStore: Send + Sync {
     fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
     /// Every job, oldest first.
     fn all(&self) -> Result<Vec<Job>, StoreError>;
-    /// Jobs written after `version`, and the version to ask from next time.
-    fn changes(&self, version: i64) -> Result<(i64, Vec<Job>), StoreError>;
+    /// How many jobs there are in each status (statuses with none left out).
+    fn counts(&self) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Jobs written since `since` (each write once), and the cursor to ask from next time.
+    fn changes(&self, since: &Cursor) -> Result<(Cursor, Vec<Job>), StoreError>;
     /// Forgets a finished job; false when there is none (or it is not finished).
     fn delete(&self, id: &str) -> Result<bool, StoreError>;
 
-    /// Claims the oldest queued job for `owner` until `lease` from now: it is returned running.
-    fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Job>, StoreError>;
-    /// Extends the leases of `owner`'s running jobs; their ids, with whether a cancel was asked.
-    fn renew(&self, owner: &str, lease: Duration) -> Result<Vec<(String, bool)>, StoreError>;
+    /// Claims the oldest queued job on one of `bases` (the base models `owner` has loaded) for
+    /// `owner` until `lease` from now: it is returned running. Jobs on other bases wait for a
+    /// replica that has theirs.
+    fn claim(
+        &self,
+        owner: &str,
+        bases: &[String],
+        lease: Duration,
+    ) -> Result<Option<Job>, StoreError>;
+    /// Extends the leases of `jobs` while they run and `owner` holds them (the jobs its threads
+    /// are working on: one they gave up on is left to run out); their ids, with whether a cancel
+    /// was asked.
+    fn renew(
+        &self,
+        owner: &str,
+        jobs: &[String],
+        lease: Duration,
+    ) -> Result<Vec<(String, bool)>, StoreError>;
     /// Fails running jobs whose lease ran out (or that have none); the jobs as failed.
     fn expire(&self) -> Result<Vec<Job>, StoreError>;
     /// Fails running jobs of `owner` (every running job with `None`): at start, the jobs the

@@ -15,16 +15,22 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Json;
 use tokio_postgres::{NoTls, Row};
 
-use super::{CancelOutcome, JobStore, Migrations, ModelRecord, StoreError};
+use super::{CancelOutcome, Cursor, JobStore, Migrations, ModelRecord, StoreError};
 use crate::jobs::runtime::OwnRuntime;
 use crate::jobs::{Job, Status};
 
 /// `migrations/postgres/`, applied in order under an advisory lock (replicas starting together
 /// apply each once).
-const MIGRATIONS: Migrations = &[(
-    1,
-    include_str!("../../../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: Migrations = &[
+    (
+        1,
+        include_str!("../../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        include_str!("../../../migrations/postgres/0002_writers.sql"),
+    ),
+];
 /// Any number, the same in every replica: the key of the migrations' advisory lock.
 const MIGRATION_LOCK: i64 = 0x636e_6e73_6572_7665;
 
@@ -89,11 +95,14 @@ impl PostgresStore {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        // Training threads, the heartbeat, the watcher and request handlers share it; a wait
+        // for a connection stays well under a lease, so a busy pool cannot cost a heartbeat its
+        // jobs.
         let pool = Pool::builder(manager)
-            .max_size(8)
+            .max_size(16)
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .create_timeout(Some(Duration::from_secs(10)))
-            .wait_timeout(Some(Duration::from_secs(30)))
+            .wait_timeout(Some(Duration::from_secs(10)))
             .build()
             .map_err(|e| StoreError::Postgres(e.to_string()))?;
         let store = Self {
@@ -177,10 +186,12 @@ impl PostgresStore {
 /// Writes a job row's JSON and status with a new version; `release` drops its claim.
 async fn write(client: &impl GenericClient, job: &Job, release: bool) -> Result<(), StoreError> {
     let sql = if release {
-        "UPDATE jobs SET status = $2, job = $3, version = nextval('job_versions'), owner = NULL,
-             lease_until = NULL, publishing = false WHERE id = $1"
+        "UPDATE jobs SET status = $2, job = $3, version = nextval('job_versions'),
+             writer = pg_current_xact_id(), owner = NULL, lease_until = NULL, publishing = false
+             WHERE id = $1"
     } else {
-        "UPDATE jobs SET status = $2, job = $3, version = nextval('job_versions') WHERE id = $1"
+        "UPDATE jobs SET status = $2, job = $3, version = nextval('job_versions'),
+             writer = pg_current_xact_id() WHERE id = $1"
     };
     client
         .execute(sql, &[&job.job_id, &job.status.as_str(), &Json(job)])
@@ -295,23 +306,63 @@ impl JobStore for PostgresStore {
         })
     }
 
-    fn changes(&self, version: i64) -> Result<(i64, Vec<Job>), StoreError> {
+    fn counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
         self.run(async {
             let client = self.pool.get().await.map_err(pool_error)?;
             let rows = client
+                .query("SELECT status, COUNT(*) FROM jobs GROUP BY status", &[])
+                .await
+                .map_err(pg)?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
+    fn changes(&self, since: &Cursor) -> Result<(Cursor, Vec<Job>), StoreError> {
+        self.run(async {
+            let mut client = self.pool.get().await.map_err(pool_error)?;
+            // One snapshot for both reads: the oldest transaction open in it, and the rows.
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(pg)?;
+            let horizon: i64 = tx
+                .query_one(
+                    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+                    &[],
+                )
+                .await
+                .map_err(pg)?
+                .get(0);
+            let rows = tx
                 .query(
-                    "SELECT version, job FROM jobs WHERE version > $1 ORDER BY version",
-                    &[&version],
+                    "SELECT version, job, writer::text::bigint FROM jobs
+                     WHERE version > $1 OR writer >= $2::bigint::text::xid8 ORDER BY version",
+                    &[&since.version, &since.horizon],
                 )
                 .await
                 .map_err(pg)?;
-            let mut last = version;
+            tx.commit().await.map_err(pg)?;
+            let mut next = Cursor {
+                version: since.version,
+                horizon,
+                returned: Vec::new(),
+            };
             let mut jobs = Vec::new();
             for row in rows {
-                last = last.max(row.get::<_, i64>(0));
+                let (version, writer): (i64, i64) = (row.get(0), row.get(2));
+                if writer >= horizon {
+                    next.returned.push(version);
+                }
+                if version <= since.version && since.returned.contains(&version) {
+                    continue;
+                }
+                next.version = next.version.max(version);
                 jobs.push(job_of(&row, 1)?);
             }
-            Ok((last, jobs))
+            Ok((next, jobs))
         })
     }
 
@@ -329,15 +380,20 @@ impl JobStore for PostgresStore {
         })
     }
 
-    fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Job>, StoreError> {
+    fn claim(
+        &self,
+        owner: &str,
+        bases: &[String],
+        lease: Duration,
+    ) -> Result<Option<Job>, StoreError> {
         self.run(async {
             let mut client = self.pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(pg)?;
             let row = tx
                 .query_opt(
-                    "SELECT job FROM jobs WHERE status = 'queued' ORDER BY created_at, id
-                     LIMIT 1 FOR UPDATE SKIP LOCKED",
-                    &[],
+                    "SELECT job FROM jobs WHERE status = 'queued' AND job->>'base_model' = ANY($1)
+                     ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
+                    &[&bases],
                 )
                 .await
                 .map_err(pg)?;
@@ -358,14 +414,20 @@ impl JobStore for PostgresStore {
         })
     }
 
-    fn renew(&self, owner: &str, lease: Duration) -> Result<Vec<(String, bool)>, StoreError> {
+    fn renew(
+        &self,
+        owner: &str,
+        jobs: &[String],
+        lease: Duration,
+    ) -> Result<Vec<(String, bool)>, StoreError> {
         self.run(async {
             let client = self.pool.get().await.map_err(pool_error)?;
             let rows = client
                 .query(
                     "UPDATE jobs SET lease_until = now() + $2::float8 * interval '1 millisecond'
-                     WHERE owner = $1 AND status = 'running' RETURNING id, cancel_requested",
-                    &[&owner, &lease_ms(lease)],
+                     WHERE owner = $1 AND status = 'running' AND id = ANY($3)
+                     RETURNING id, cancel_requested",
+                    &[&owner, &lease_ms(lease), &jobs],
                 )
                 .await
                 .map_err(pg)?;
@@ -413,8 +475,8 @@ impl JobStore for PostgresStore {
                 Status::Running if publishing => CancelOutcome::TooLate(Box::new(job)),
                 Status::Running => {
                     tx.execute(
-                        "UPDATE jobs SET cancel_requested = true, version = nextval('job_versions')
-                         WHERE id = $1",
+                        "UPDATE jobs SET cancel_requested = true, version = nextval('job_versions'),
+                             writer = pg_current_xact_id() WHERE id = $1",
                         &[&id],
                     )
                     .await
@@ -455,10 +517,18 @@ impl JobStore for PostgresStore {
             if !held(&tx, &job.job_id, owner).await? {
                 return Err(StoreError::LeaseLost(job.job_id.clone()));
             }
-            write(&tx, job, true).await?;
+            // The registry first: a `create` holding `models` for a name check waits for nothing
+            // this transaction has written (a job row written first would make its unique-name
+            // check wait on us while we wait on its table lock: a deadlock).
             if let Some(model) = model {
-                insert_model(&tx, model).await.map_err(pg)?;
+                match insert_model(&tx, model).await {
+                    Err(e) if unique_violation(&e) => {
+                        return Err(StoreError::NameTaken(model.name.clone()))
+                    }
+                    other => other.map_err(pg)?,
+                }
             }
+            write(&tx, job, true).await?;
             tx.commit().await.map_err(pg)
         })
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{CancelOutcome, JobStore, Migrations, ModelRecord, StoreError};
+use super::{CancelOutcome, Cursor, JobStore, Migrations, ModelRecord, StoreError};
 use crate::jobs::{Job, Status};
 
 /// `PRAGMA user_version` after each file of `migrations/sqlite/`. Version 1 is the table as it
@@ -194,20 +194,32 @@ impl JobStore for SqliteStore {
         Ok(jobs)
     }
 
-    fn changes(&self, version: i64) -> Result<(i64, Vec<Job>), StoreError> {
+    fn counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT status, COUNT(*) FROM jobs GROUP BY status")?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn changes(&self, since: &Cursor) -> Result<(Cursor, Vec<Job>), StoreError> {
+        // One connection and one writer at a time: versions commit in order.
         let conn = self.conn();
         let mut stmt =
             conn.prepare("SELECT version, job FROM jobs WHERE version > ?1 ORDER BY version")?;
-        let rows = stmt.query_map([version], |row| {
+        let rows = stmt.query_map([since.version], |row| {
             Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
         })?;
-        let (mut last, mut jobs) = (version, Vec::new());
+        let (mut last, mut jobs) = (since.version, Vec::new());
         for row in rows {
             let (v, json) = row?;
             last = last.max(v);
             jobs.push(parse(&json)?);
         }
-        Ok((last, jobs))
+        let next = Cursor {
+            version: last,
+            ..Cursor::default()
+        };
+        Ok((next, jobs))
     }
 
     fn delete(&self, id: &str) -> Result<bool, StoreError> {
@@ -218,13 +230,20 @@ impl JobStore for SqliteStore {
         Ok(n > 0)
     }
 
-    fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Job>, StoreError> {
+    fn claim(
+        &self,
+        owner: &str,
+        bases: &[String],
+        lease: Duration,
+    ) -> Result<Option<Job>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let json: Option<String> = tx
             .query_row(
-                "SELECT job FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1",
-                [],
+                "SELECT job FROM jobs WHERE status = 'queued'
+                   AND json_extract(job, '$.base_model') IN (SELECT value FROM json_each(?1))
+                 ORDER BY created_at, rowid LIMIT 1",
+                [serde_json::to_string(bases)?],
                 |row| row.get(0),
             )
             .optional()?;
@@ -242,13 +261,20 @@ impl JobStore for SqliteStore {
         Ok(Some(job))
     }
 
-    fn renew(&self, owner: &str, lease: Duration) -> Result<Vec<(String, bool)>, StoreError> {
+    fn renew(
+        &self,
+        owner: &str,
+        jobs: &[String],
+        lease: Duration,
+    ) -> Result<Vec<(String, bool)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "UPDATE jobs SET lease_until = ?2 WHERE owner = ?1 AND status = 'running'
+               AND id IN (SELECT value FROM json_each(?3))
              RETURNING id, cancel_requested",
         )?;
-        let rows = stmt.query_map(params![owner, now_ms() + lease_ms(lease)], |row| {
+        let ids = serde_json::to_string(jobs)?;
+        let rows = stmt.query_map(params![owner, now_ms() + lease_ms(lease), ids], |row| {
             Ok((row.get::<_, String>(0)?, row.get::<_, bool>(1)?))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -323,10 +349,17 @@ impl JobStore for SqliteStore {
         if !held {
             return Err(StoreError::LeaseLost(job.job_id.clone()));
         }
-        write(&tx, job, true)?;
         if let Some(model) = model {
-            insert_model(&tx, model)?;
+            match insert_model(&tx, model) {
+                Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)))
+                    if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+                {
+                    return Err(StoreError::NameTaken(model.name.clone()))
+                }
+                other => other?,
+            }
         }
+        write(&tx, job, true)?;
         tx.commit()?;
         Ok(())
     }
