@@ -630,6 +630,23 @@ async fn a_restart_keeps_finished_jobs_runs_queued_ones_and_fails_interrupted_on
     assert_eq!(ids[0], queued.as_str(), "newest first");
 }
 
+/// A one-epoch job named `name`, held at `at` (it has got there when this returns).
+async fn held_job(
+    app: &App,
+    at: cnnserve::jobs::Checkpoint,
+    name: &str,
+    zip: &[u8],
+) -> (cnnserve::jobs::Hold, String) {
+    let hold = app.jobs.hold(at);
+    let fields = [("base_model", "googlenet"), ("name", name), ("epochs", "1")];
+    let (s, _, job) = send(&app.router, finetune(&fields, Some(zip))).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+    let id = job["job_id"].as_str().unwrap().to_string();
+    let reached = tokio::task::block_in_place(|| hold.wait_until_reached(Duration::from_secs(120)));
+    assert!(reached, "the job never reached {at:?}");
+    (hold, id)
+}
+
 /// Between a job's commit (succeeded, its model registered) and the move of its files into
 /// place, neither a rescan (which unregisters models whose weights are gone) nor a purge of the
 /// job (which deletes its folder in the model store) may lose the model.
@@ -643,14 +660,7 @@ async fn a_model_recorded_but_still_staged_survives_a_rescan_and_a_purge() {
     let registry = cnnserve::jobs::store::open(&url).unwrap();
     let zip = dataset_zip(4);
     for (name, action) in [("rescanned", "rescan"), ("purged", "purge")] {
-        let hold = app.jobs.hold(Checkpoint::Recorded);
-        let fields = [("base_model", "googlenet"), ("name", name), ("epochs", "1")];
-        let (s, _, job) = send(&app.router, finetune(&fields, Some(&zip))).await;
-        assert_eq!(s, StatusCode::ACCEPTED, "{job}");
-        let id = job["job_id"].as_str().unwrap().to_string();
-        let reached =
-            tokio::task::block_in_place(|| hold.wait_until_reached(Duration::from_secs(120)));
-        assert!(reached, "the job never got past its commit");
+        let (hold, id) = held_job(&app, Checkpoint::Recorded, name, &zip).await;
         let weights = dir.path().join(format!("{name}.safetensors"));
         assert!(!weights.exists(), "held before its files are moved");
         let (s, job) = get(&app.router, &format!("/jobs/{id}")).await;
@@ -707,14 +717,7 @@ async fn a_cancel_either_stops_the_job_or_is_refused_never_both() {
         (Checkpoint::AfterCommit, "late"),
         (Checkpoint::Recorded, "recorded"),
     ] {
-        let hold = app.jobs.hold(at);
-        let fields = [("base_model", "googlenet"), ("name", name), ("epochs", "1")];
-        let (s, _, job) = send(&app.router, finetune(&fields, Some(&zip))).await;
-        assert_eq!(s, StatusCode::ACCEPTED, "{job}");
-        let id = job["job_id"].as_str().unwrap().to_string();
-        let reached =
-            tokio::task::block_in_place(|| hold.wait_until_reached(Duration::from_secs(120)));
-        assert!(reached, "the job never reached {at:?}");
+        let (hold, id) = held_job(&app, at, name, &zip).await;
         let (s, answer) = delete(&app.router, &format!("/jobs/{id}")).await;
         drop(hold);
         let job = wait_for(&app.router, &id, finished).await;

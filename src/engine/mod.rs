@@ -388,6 +388,18 @@ impl Engine {
             .collect()
     }
 
+    /// The names of the pretrained models served (the bases a job can train on).
+    pub fn pretrained_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .models()
+            .iter()
+            .filter(|c| c.kind == ModelKind::Pretrained)
+            .map(|c| c.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Marks models about to be loaded as `loading` (those not served already), so that readiness
     /// and requests see them from the first moment, before their loads start.
     pub fn expect(&self, models: impl IntoIterator<Item = (String, Option<Arch>)>) {

@@ -758,14 +758,7 @@ impl JobManager {
                 }
             }
             // Only jobs this replica can train: their base model is loaded here.
-            let bases: Vec<String> = self
-                .shared
-                .engine
-                .models()
-                .iter()
-                .filter(|c| c.kind == ModelKind::Pretrained)
-                .map(|c| c.name.clone())
-                .collect();
+            let bases = self.shared.engine.pretrained_names();
             let claimed = self.shared.store.claim(
                 &self.shared.config.replica,
                 &bases,

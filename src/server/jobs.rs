@@ -127,16 +127,9 @@ pub async fn submit(
         .get(&base_model)
         .filter(|c| c.kind == ModelKind::Pretrained)
         .ok_or_else(|| {
-            let pretrained: Vec<String> = state
-                .engine
-                .models()
-                .iter()
-                .filter(|c| c.kind == ModelKind::Pretrained)
-                .map(|c| c.name.clone())
-                .collect();
             ApiError::bad_request(format!(
                 "base_model `{base_model}` is not a loaded pretrained model; loaded: {}",
-                pretrained.join(", ")
+                state.engine.pretrained_names().join(", ")
             ))
         })?;
     TrainError::check(base.arch, &params)?;
