@@ -663,6 +663,16 @@ async fn a_model_recorded_but_still_staged_survives_a_rescan_and_a_purge() {
         let (hold, id) = held_job(&app, Checkpoint::Recorded, name, &zip).await;
         let weights = dir.path().join(format!("{name}.safetensors"));
         assert!(!weights.exists(), "held before its files are moved");
+        let request = Request::post(format!("/predict?model={name}"))
+            .header("content-type", "image/png")
+            .body(Body::from(picture(0, 77)))
+            .unwrap();
+        let (s, _, answer) = send(&app.router, request).await;
+        assert_eq!(
+            (s, answer["error_type"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("model_loading")),
+            "recorded, not yet in place: {answer}"
+        );
         let (s, job) = get(&app.router, &format!("/jobs/{id}")).await;
         assert_eq!(
             (s, job["status"].as_str()),

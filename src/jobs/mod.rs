@@ -981,9 +981,23 @@ impl JobManager {
             .running
             .remove(&job.job_id);
         if let Some(classifier) = staged {
+            let (name, arch) = (classifier.name.clone(), classifier.arch);
+            if self.shared.config.serve {
+                // Recorded succeeded: until it is in place, requests for it hear "loading".
+                self.shared.engine.expect([(name.clone(), Some(arch))]);
+            }
             crate::crash::point("committed");
             self.checkpoint(Checkpoint::Recorded);
-            self.publish(&job.job_id, classifier)?;
+            if let Err(e) = self.publish(&job.job_id, classifier) {
+                if self.shared.config.serve && self.shared.engine.get(&name).is_none() {
+                    self.shared.engine.mark_failed(
+                        &name,
+                        Some(arch),
+                        format!("its files could not be put in place: {e}"),
+                    );
+                }
+                return Err(e);
+            }
         }
         self.update_gauges();
         let _ = self
@@ -1388,6 +1402,8 @@ impl JobManager {
             if served || unloadable.get(&record.name) == Some(&record.meta.created_at) {
                 continue;
             }
+            // While it is fetched and loaded, requests for it hear "loading", not "unknown".
+            engine.expect([(record.name.clone(), Some(record.meta.arch))]);
             if let Err(e) = self.load_registered(record) {
                 if engine.get(&record.name).is_none() {
                     engine.mark_failed(&record.name, Some(record.meta.arch), e.clone());
