@@ -269,6 +269,9 @@ struct State {
     cancel: HashMap<String, Arc<AtomicBool>>,
     /// Running jobs past their commit point: trained, not cancelled, now saving and publishing.
     publishing: HashSet<String>,
+    /// Training threads inside a claim: a job they claim is running in the store before it is
+    /// in `cancel`, so [`JobManager::wait_idle`] waits for them too.
+    claiming: usize,
     shutting_down: bool,
 }
 
@@ -414,6 +417,7 @@ impl JobManager {
                     datasets: HashMap::new(),
                     cancel: HashMap::new(),
                     publishing: HashSet::new(),
+                    claiming: 0,
                     shutting_down: false,
                 }),
                 wake: Condvar::new(),
@@ -713,7 +717,7 @@ impl JobManager {
         loop {
             let running = {
                 let state = self.shared.state.lock().expect("job state lock");
-                !state.cancel.is_empty()
+                !state.cancel.is_empty() || state.claiming > 0
             };
             if !running {
                 return true;
@@ -752,10 +756,11 @@ impl JobManager {
     fn work(&self) {
         loop {
             {
-                let state = self.shared.state.lock().expect("job state lock");
+                let mut state = self.shared.state.lock().expect("job state lock");
                 if state.shutting_down {
                     return;
                 }
+                state.claiming += 1;
             }
             // Only jobs this replica can train: their base model is loaded here.
             let bases = self.shared.engine.pretrained_names();
@@ -764,12 +769,13 @@ impl JobManager {
                 &bases,
                 self.shared.config.lease,
             );
+            let mut state = self.shared.state.lock().expect("job state lock");
+            state.claiming -= 1;
             let job = match claimed {
                 Ok(Some(job)) => job,
                 Ok(None) => {
                     // Woken by a submit here at once; jobs queued elsewhere are seen on the
                     // next poll.
-                    let state = self.shared.state.lock().expect("job state lock");
                     if state.shutting_down {
                         return;
                     }
@@ -777,6 +783,7 @@ impl JobManager {
                     continue;
                 }
                 Err(e) => {
+                    drop(state);
                     tracing::warn!(error = %e, "cannot claim a job");
                     std::thread::sleep(Duration::from_secs(1));
                     continue;
@@ -784,11 +791,13 @@ impl JobManager {
             };
             let id = job.job_id.clone();
             let (dataset, cancel) = {
-                let mut state = self.shared.state.lock().expect("job state lock");
+                // The same lock as the claim's count: a job is in `claiming` or in `cancel`.
                 let flag = Arc::new(AtomicBool::new(state.shutting_down));
                 state.cancel.insert(id.clone(), flag.clone());
                 state.running.insert(id.clone(), job.clone());
-                (state.datasets.remove(&id), flag)
+                let dataset = state.datasets.remove(&id);
+                drop(state);
+                (dataset, flag)
             };
             if let Err(e) = self.run(job, dataset, &cancel) {
                 tracing::error!(job = %id, error = %e, "could not record the job's state");
