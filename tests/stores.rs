@@ -433,6 +433,51 @@ fn a_follower_is_told_a_write_that_commits_after_a_later_one() {
     assert!(told.is_empty(), "told once: {told:?}");
 }
 
+/// PostgreSQL tells the other replicas of a commit (LISTEN/NOTIFY) rather than leaving them to
+/// their next poll: a new version of a job, or a change to the registry.
+#[test]
+fn a_replica_is_woken_by_another_replicas_commit() {
+    let url = common::fresh_postgres();
+    let (writer, follower) = (store::open(&url).unwrap(), store::open(&url).unwrap());
+    let (told, wakes) = std::sync::mpsc::channel();
+    let told = std::sync::Mutex::new(told);
+    follower
+        .subscribe(Arc::new(move || {
+            let _ = told.lock().unwrap().send(());
+        }))
+        .unwrap();
+    let woken = |what: &str| {
+        wakes
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("not woken by {what}"));
+        while wakes.try_recv().is_ok() {}
+    };
+    writer.create(&job("n1", "notified")).unwrap();
+    woken("a new job");
+    let running = writer
+        .claim("w", &bases(), Duration::from_secs(30))
+        .unwrap()
+        .unwrap();
+    woken("a claim");
+    // A heartbeat gives no job a new version: nobody is woken for it.
+    writer
+        .renew("w", &ids(&["n1"]), Duration::from_secs(30))
+        .unwrap();
+    assert!(
+        wakes.recv_timeout(Duration::from_millis(300)).is_err(),
+        "woken by a heartbeat"
+    );
+    writer.update(&running, Some("w")).unwrap();
+    woken("a progress write");
+    let record = ModelRecord {
+        name: "registered".into(),
+        job_id: None,
+        meta: meta("registered"),
+    };
+    assert!(writer.register(&record).unwrap());
+    woken("a model registered");
+}
+
 #[test]
 fn a_database_url_that_is_neither_is_refused_with_a_sentence() {
     let error = store::open("mysql://localhost/db")

@@ -342,6 +342,9 @@ struct Shared {
     gate: Gate,
     /// Stops the watcher and heartbeat thread (and wakes it).
     stopped: (Mutex<bool>, Condvar),
+    /// Set when the job store tells of another process's change (or at shutdown): wakes the
+    /// watcher before its next poll.
+    changed: Arc<(Mutex<bool>, Condvar)>,
     /// Registered heads whose load failed, by name and the registration's time: not fetched again
     /// on every poll.
     unloadable: Mutex<HashMap<String, DateTime<Utc>>>,
@@ -425,6 +428,7 @@ impl JobManager {
                 pool,
                 gate: Gate::default(),
                 stopped: (Mutex::new(false), Condvar::new()),
+                changed: Arc::new((Mutex::new(false), Condvar::new())),
                 unloadable: Mutex::new(HashMap::new()),
             }),
         };
@@ -707,6 +711,8 @@ impl JobManager {
         self.shared.wake.notify_all();
         *self.shared.stopped.0.lock().expect("stop lock") = true;
         self.shared.stopped.1.notify_all();
+        *self.shared.changed.0.lock().expect("change lock") = true;
+        self.shared.changed.1.notify_all();
         let _ = self.shared.events.send(JobEvent::Shutdown);
     }
 
@@ -1539,10 +1545,35 @@ impl JobManager {
         }
     }
 
+    /// Waits until the job store tells of a change, or `timeout`; true when told.
+    fn changed_within(&self, timeout: Duration) -> bool {
+        let (lock, condvar) = &*self.shared.changed;
+        let changed = lock.lock().expect("change lock");
+        let (mut changed, _) = condvar
+            .wait_timeout_while(changed, timeout, |c| !*c)
+            .expect("change lock");
+        std::mem::take(&mut *changed)
+    }
+
+    fn is_stopped(&self) -> bool {
+        *self.shared.stopped.0.lock().expect("stop lock")
+    }
+
     /// The watcher: with a shared store, relays other replicas' job changes as events and serves
-    /// the registry's models; now and then, removes uploads no job owns.
+    /// the registry's models, woken by the store's notifications (PostgreSQL's LISTEN) and
+    /// polling every [`WATCH_INTERVAL`] besides; now and then, removes uploads no job owns.
     fn watch(&self) {
         let shared_store = self.shared.store.is_shared();
+        if shared_store {
+            let changed = self.shared.changed.clone();
+            let wake: store::Wake = Arc::new(move || {
+                *changed.0.lock().expect("change lock") = true;
+                changed.1.notify_all();
+            });
+            if let Err(e) = self.shared.store.subscribe(wake) {
+                tracing::warn!(error = %e, "cannot listen for the job database's changes: polling only");
+            }
+        }
         let mut last_sync = Instant::now();
         let mut last_sweep = Instant::now();
         let mut seen: HashMap<String, Job> = HashMap::new();
@@ -1555,7 +1586,11 @@ impl JobManager {
             }
             Err(_) => Cursor::default(),
         };
-        while !self.stopped_within(WATCH_INTERVAL) {
+        loop {
+            let told = self.changed_within(WATCH_INTERVAL);
+            if self.is_stopped() {
+                return;
+            }
             if last_sweep.elapsed() >= ORPHAN_SWEEP_INTERVAL {
                 last_sweep = Instant::now();
                 if let Err(e) = self.sweep_orphans() {
@@ -1578,7 +1613,7 @@ impl JobManager {
                 Err(e) => tracing::warn!(error = %e, "cannot follow the job store"),
             }
             // A model just finished elsewhere is fetched at once rather than on the next tick.
-            if !waiting.is_empty() || last_sync.elapsed() >= Duration::from_secs(1) {
+            if told || !waiting.is_empty() || last_sync.elapsed() >= Duration::from_secs(1) {
                 last_sync = Instant::now();
                 if let Err(e) = self.sync(false) {
                     tracing::warn!(error = %e, "cannot follow the model registry");

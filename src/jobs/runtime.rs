@@ -39,6 +39,17 @@ impl OwnRuntime {
     }
 }
 
+impl OwnRuntime {
+    /// Runs `fut` in the background until it ends or the runtime is dropped.
+    pub(crate) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        let runtime = self
+            .0
+            .as_ref()
+            .expect("the runtime lives as long as its owner");
+        drop(runtime.spawn(fut));
+    }
+}
+
 impl Drop for OwnRuntime {
     fn drop(&mut self) {
         // Dropping a runtime blocks, which a runtime's own thread may not do.

@@ -47,6 +47,9 @@ pub struct ModelRecord {
     pub meta: FineTunedMeta,
 }
 
+/// What [`JobStore::subscribe`] calls.
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
 /// Where a follower's last look at the job table ended ([`JobStore::changes`]).
 ///
 /// Versions are handed out when a row is written, not when its transaction commits: on
@@ -84,6 +87,14 @@ pub trait JobStore: Send + Sync {
     fn describe(&self) -> String;
     /// Whether other processes may share this store (then a watcher follows their changes).
     fn is_shared(&self) -> bool;
+    /// Calls `wake` after any process commits a change to a job's version or to the registry
+    /// (from a background task, soon after the commit), so that a follower need not wait for its
+    /// next poll. Best effort: polling stays the guarantee. A store nobody else writes does
+    /// nothing.
+    fn subscribe(&self, wake: Wake) -> Result<(), StoreError> {
+        let _ = wake;
+        Ok(())
+    }
 
     /// Records a new queued job. [`StoreError::NameTaken`] when an unfinished job or a registered
     /// model has its name.

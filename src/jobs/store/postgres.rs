@@ -15,7 +15,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Json;
 use tokio_postgres::{NoTls, Row};
 
-use super::{CancelOutcome, Cursor, JobStore, Migrations, ModelRecord, StoreError};
+use super::{CancelOutcome, Cursor, JobStore, Migrations, ModelRecord, StoreError, Wake};
 use crate::jobs::runtime::OwnRuntime;
 use crate::jobs::{Job, Status};
 
@@ -30,7 +30,13 @@ const MIGRATIONS: Migrations = &[
         2,
         include_str!("../../../migrations/postgres/0002_writers.sql"),
     ),
+    (
+        3,
+        include_str!("../../../migrations/postgres/0003_notify.sql"),
+    ),
 ];
+/// The channel `migrations/postgres/0003_notify.sql` notifies on.
+const CHANNEL: &str = "cnnserve_changes";
 /// Any number, the same in every replica: the key of the migrations' advisory lock.
 const MIGRATION_LOCK: i64 = 0x636e_6e73_6572_7665;
 
@@ -38,6 +44,8 @@ pub struct PostgresStore {
     describe: String,
     pool: Pool,
     runtime: OwnRuntime,
+    /// For the connection that listens for changes.
+    config: tokio_postgres::Config,
 }
 
 fn pg(e: tokio_postgres::Error) -> StoreError {
@@ -89,7 +97,7 @@ impl PostgresStore {
         let runtime =
             OwnRuntime::new("postgres").map_err(|e| StoreError::Postgres(e.to_string()))?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -109,6 +117,7 @@ impl PostgresStore {
             describe,
             pool,
             runtime,
+            config,
         };
         store.run(async {
             let mut client = store.pool.get().await.map_err(pool_error)?;
@@ -183,6 +192,31 @@ impl PostgresStore {
     }
 }
 
+/// A connection listening on [`CHANNEL`]: its client (the connection lives while it does) and
+/// the task that reads its messages and calls `wake` on each notification (it ends when the
+/// connection does).
+async fn listen(
+    config: &tokio_postgres::Config,
+    wake: Wake,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let reader = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notification(_)) => wake(),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "the job database's change notifications stopped");
+                    break;
+                }
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    Ok((client, reader))
+}
+
 /// Writes a job row's JSON and status with a new version; `release` drops its claim.
 async fn write(client: &impl GenericClient, job: &Job, release: bool) -> Result<(), StoreError> {
     let sql = if release {
@@ -231,6 +265,35 @@ impl JobStore for PostgresStore {
 
     fn is_shared(&self) -> bool {
         true
+    }
+
+    /// LISTENs on a connection of its own (not the pool's), listening before it returns; if that
+    /// connection drops, it reconnects every few seconds and wakes once when it is back, for what
+    /// it may have missed.
+    fn subscribe(&self, wake: Wake) -> Result<(), StoreError> {
+        let config = self.config.clone();
+        let first = self.run(async { listen(&config, wake.clone()).await.map_err(pg) })?;
+        self.runtime.spawn(async move {
+            let (mut client, mut reader) = first;
+            loop {
+                let _ = reader.await;
+                drop(client);
+                loop {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    match listen(&config, wake.clone()).await {
+                        Ok(next) => {
+                            (client, reader) = next;
+                            wake();
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot listen for job database changes")
+                        }
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 
     fn create(&self, job: &Job) -> Result<(), StoreError> {
