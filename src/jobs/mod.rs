@@ -1408,7 +1408,15 @@ impl JobManager {
         if retry_failed {
             unloadable.clear();
         }
+        // Models a thread here is publishing are its to put in place and serve.
+        let ours: HashSet<String> = {
+            let state = self.shared.state.lock().expect("job state lock");
+            state.cancel.keys().cloned().collect()
+        };
         for record in &records {
+            if record.job_id.as_ref().is_some_and(|j| ours.contains(j)) {
+                continue;
+            }
             let served = engine.get(&record.name).is_some_and(|c| {
                 c.meta
                     .as_ref()
