@@ -618,7 +618,7 @@ async fn a_restart_keeps_finished_jobs_runs_queued_ones_and_fails_interrupted_on
     );
     let job = wait_for(&third.router, &queued, finished).await;
     assert_eq!(job["status"], "succeeded", "the queued job ran: {job}");
-    assert!(third.engine.get("later").is_some());
+    assert!(served(&third, "later").await);
     let (_, listing) = get(&third.router, "/jobs").await;
     let ids: Vec<&str> = listing["jobs"]
         .as_array()
@@ -628,6 +628,16 @@ async fn a_restart_keeps_finished_jobs_runs_queued_ones_and_fails_interrupted_on
         .collect();
     assert_eq!(ids.len(), 4, "{ids:?}");
     assert_eq!(ids[0], queued.as_str(), "newest first");
+}
+
+/// Whether model `name` is served within a minute (a job is recorded succeeded a moment before
+/// its model is in place and served).
+async fn served(app: &App, name: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while app.engine.get(name).is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.engine.get(name).is_some()
 }
 
 /// A one-epoch job named `name`, held at `at` (it has got there when this returns).
@@ -693,11 +703,7 @@ async fn a_model_recorded_but_still_staged_survives_a_rescan_and_a_purge() {
             assert_eq!(s, StatusCode::OK, "{answer}");
         }
         drop(hold);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while app.engine.get(name).is_none() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(app.engine.get(name).is_some(), "{name} is served");
+        assert!(served(&app, name).await, "{name} is served");
         assert!(weights.is_file(), "{name}'s weights are in place");
         assert!(dir.path().join(format!("{name}.json")).is_file());
     }
@@ -746,7 +752,8 @@ async fn a_cancel_either_stops_the_job_or_is_refused_never_both() {
                     "{answer}"
                 );
                 assert_eq!(job["status"], "succeeded", "{job}");
-                assert!(app.engine.get(name).is_some(), "published");
+                // Recorded before it is published: the model follows a moment later.
+                assert!(served(&app, name).await, "published");
                 assert!(model_file.exists());
             }
             Checkpoint::Recorded => {
@@ -759,12 +766,7 @@ async fn a_cancel_either_stops_the_job_or_is_refused_never_both() {
                     "{answer}"
                 );
                 assert_eq!(job["status"], "succeeded", "{job}");
-                // Recorded before it is published: the model follows a moment later.
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while app.engine.get(name).is_none() && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                assert!(app.engine.get(name).is_some(), "published");
+                assert!(served(&app, name).await, "published");
                 assert!(model_file.exists());
             }
         }
