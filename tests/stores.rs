@@ -32,7 +32,7 @@ fn ids(ids: &[&str]) -> Vec<String> {
 }
 
 fn bases() -> Vec<String> {
-    vec!["googlenet".to_string()]
+    ids(&["googlenet"])
 }
 
 fn meta(name: &str) -> cnnserve::weights::finetuned::FineTunedMeta {

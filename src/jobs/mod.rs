@@ -1409,10 +1409,7 @@ impl JobManager {
             unloadable.clear();
         }
         // Models a thread here is publishing are its to put in place and serve.
-        let ours: HashSet<String> = {
-            let state = self.shared.state.lock().expect("job state lock");
-            state.cancel.keys().cloned().collect()
-        };
+        let ours = self.working_on();
         for record in &records {
             if record.job_id.as_ref().is_some_and(|j| ours.contains(j)) {
                 continue;
@@ -1529,6 +1526,13 @@ impl JobManager {
         Ok(())
     }
 
+    /// The jobs this process's training threads are working on, from their claim until they are
+    /// done with them (past their commit and publishing included).
+    fn working_on(&self) -> HashSet<String> {
+        let state = self.shared.state.lock().expect("job state lock");
+        state.cancel.keys().cloned().collect()
+    }
+
     /// Waits `timeout`, or less when the manager stops; true when it stopped.
     fn stopped_within(&self, timeout: Duration) -> bool {
         let stopped = self.shared.stopped.0.lock().expect("stop lock");
@@ -1583,6 +1587,7 @@ impl JobManager {
             }
         }
         let mut last_sync = Instant::now();
+        let mut last_gauges = Instant::now();
         let mut last_sweep = Instant::now();
         let mut seen: HashMap<String, Job> = HashMap::new();
         // Succeeded elsewhere; told `done` once their model is served here.
@@ -1620,12 +1625,16 @@ impl JobManager {
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot follow the job store"),
             }
-            // A model just finished elsewhere is fetched at once rather than on the next tick.
+            // A model just finished elsewhere is fetched at once rather than on the next tick;
+            // the gauges keep to the tick.
             if told || !waiting.is_empty() || last_sync.elapsed() >= Duration::from_secs(1) {
                 last_sync = Instant::now();
                 if let Err(e) = self.sync(false) {
                     tracing::warn!(error = %e, "cannot follow the model registry");
                 }
+            }
+            if last_gauges.elapsed() >= Duration::from_secs(1) {
+                last_gauges = Instant::now();
                 self.update_gauges();
             }
             waiting.retain(|(job, since)| {
@@ -1644,17 +1653,10 @@ impl JobManager {
     fn beat(&self) {
         let store = &self.shared.store;
         let config = &self.shared.config;
-        let working = config.train && {
-            let state = self.shared.state.lock().expect("job state lock");
-            !state.cancel.is_empty()
-        };
-        if working {
-            // Only the jobs a thread here is working on: a job whose thread gave up without
-            // recording its end loses its lease, and another heartbeat fails it.
-            let working: Vec<String> = {
-                let state = self.shared.state.lock().expect("job state lock");
-                state.cancel.keys().cloned().collect()
-            };
+        // Only the jobs a thread here is working on: a job whose thread gave up without
+        // recording its end loses its lease, and another heartbeat fails it.
+        let working: Vec<String> = self.working_on().into_iter().collect();
+        if config.train && !working.is_empty() {
             match store.renew(&config.replica, &working, config.lease) {
                 Ok(held) => {
                     let state = self.shared.state.lock().expect("job state lock");
@@ -1687,12 +1689,8 @@ impl JobManager {
     /// Returns a succeeded job whose `done` must wait until its model is served here (a
     /// subscriber told `done` asks the model at once).
     fn relay(&self, before: Option<&Job>, job: &Job) -> Option<Job> {
-        let ours = {
-            let state = self.shared.state.lock().expect("job state lock");
-            // A thread here runs it (or is publishing it): that thread tells its subscribers.
-            state.running.contains_key(&job.job_id) || state.cancel.contains_key(&job.job_id)
-        };
-        if ours {
+        // A thread here runs it (or is publishing it): that thread tells its subscribers.
+        if self.working_on().contains(&job.job_id) {
             return None;
         }
         let id = &job.job_id;
